@@ -1,0 +1,1 @@
+"""Load generator: workloads, arrivals, streaming client, SLO metrics and reports."""

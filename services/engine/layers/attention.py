@@ -1,0 +1,76 @@
+"""The attention layer: writes this step's K/V into the paged cache, then attends over it.
+
+What crosses the runner → model edge for attention is one frozen AttentionMetadata per step;
+layers receive it as an argument (never through a global), together with their own layer's
+slice of the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from baton.kernels.attention_ref import paged_attention, write_kv_cache
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where this step's tokens go in the paged KV cache and what each sequence attends to.
+
+    Packed layout: sequence s owns token rows query_start_loc[s]:query_start_loc[s+1].
+    """
+
+    slot_mapping: torch.Tensor
+    """[num_tokens] int64: cache slot (block_id * block_size + offset) of every new token."""
+    block_tables: torch.Tensor
+    """[num_seqs, max_blocks] int64: each sequence's block ids in order (padded with 0)."""
+    seq_lens: list[int]
+    """Per sequence: context length after this step (cached + new tokens)."""
+    query_start_loc: list[int]
+    """num_seqs + 1 offsets of each sequence's new tokens in the packed batch."""
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+class Attention(nn.Module):
+    """Paged multi-head / grouped-query attention over one layer's KV cache.
+
+    kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q: [T, num_heads*head_dim]; k, v: [T, num_kv_heads*head_dim] → [T, num_heads*head_dim]."""
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            self.scale,
+        )
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
