@@ -55,7 +55,7 @@ def paged_attention(
     be written to the cache (write_kv_cache). Decode-only sequences (one new token) are batched
     into one padded SDPA call; each prefill chunk gets its own call with an offset causal mask.
     """
-    num_tokens, num_heads, head_dim = q.shape
+    num_tokens, num_heads, _ = q.shape
     num_kv_heads = k_cache.shape[2]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert len(query_start_loc) == len(seq_lens) + 1, (len(query_start_loc), len(seq_lens))

@@ -57,7 +57,7 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """q: [T, num_heads*head_dim]; k, v: [T, num_kv_heads*head_dim] → [T, num_heads*head_dim]."""
+        """q: [T, heads*head_dim]; k, v: [T, kv_heads*head_dim] → [T, heads*head_dim]."""
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)

@@ -74,4 +74,4 @@ class CausalLM(nn.Module, ABC):
 
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load tensors named as in Hugging Face checkpoints (model.layers.0.self_attn.q_proj.weight)."""
+        """Load tensors named as in HF checkpoints (model.layers.0.self_attn.q_proj.weight)."""
