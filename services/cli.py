@@ -1,0 +1,156 @@
+"""`baton` command line: generate and chat on a local engine (serve etc. arrive in [2/4])."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from baton.services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from baton.services.engine.llm_engine import LLMEngine
+from baton.services.engine.sampling_params import SamplingParams
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="smollm2 | path.gguf | HF folder | dummy:cfg")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _engine(a: argparse.Namespace) -> LLMEngine:
+    return LLMEngine.from_config(
+        EngineConfig(
+            model=a.model,
+            dtype=a.dtype,
+            max_model_len=a.max_model_len,
+            cache=CacheConfig(block_size=a.block_size),
+            scheduler=SchedulerConfig(
+                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens
+            ),
+        )
+    )
+
+
+def _params(a: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        seed=a.seed,
+    )
+
+
+def _stream(engine: LLMEngine, prompt: str, params: SamplingParams) -> str:
+    """Run one request, printing text as it is detokenized."""
+    request_id = engine.add_request(prompt, params)
+    printed = 0
+    text = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id != request_id:
+                continue
+            text = out.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+    sys.stdout.write("\n")
+    return text
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    prompts = a.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    engine = _engine(a)
+    params = _params(a)
+    ids = [engine.add_request(p, params) for p in prompts]
+    t0 = time.perf_counter()
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    elapsed = time.perf_counter() - t0
+    for rid, prompt in zip(ids, prompts, strict=True):
+        out = done[rid]
+        print(
+            json.dumps(
+                {
+                    "prompt": prompt,
+                    "text": out.outputs[0].text,
+                    "finish_reason": out.outputs[0].finish_reason,
+                }
+            )
+        )
+    num_tokens = sum(len(o.outputs[0].token_ids) for o in done.values())
+    print(f"# {num_tokens} tokens in {elapsed:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    engine = _engine(a)
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        print("this model has no tokenizer", file=sys.stderr)
+        return 2
+    params = _params(a)
+    history: list[dict[str, str]] = []
+    if a.system:
+        history.append({"role": "system", "content": a.system})
+    once = a.message is not None
+    print(f"baton chat · {engine.model_id} · Ctrl-D to quit", file=sys.stderr)
+    while True:
+        if once:
+            user = a.message
+        else:
+            try:
+                user = input("you> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        print("assistant> ", end="", flush=True)
+        reply = _stream(engine, prompt, params)
+        history.append({"role": "assistant", "content": reply})
+        if once:
+            return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="baton", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete prompts (arguments or stdin lines)")
+    gen.add_argument("prompt", nargs="*")
+    _engine_args(gen)
+    _sampling_args(gen, max_tokens=64)
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="chat with the model (interactive, or --message once)")
+    chat.add_argument("--message", default=None, help="send one message, print the reply, exit")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _engine_args(chat)
+    _sampling_args(chat, max_tokens=256)
+    chat.set_defaults(func=cmd_chat)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

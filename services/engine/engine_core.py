@@ -1,0 +1,79 @@
+"""The engine core: owns scheduler, KV cache manager and runner, and runs the step loop."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from baton.services.engine.config import CacheConfig, SchedulerConfig
+from baton.services.engine.kv_cache_manager import KVCacheManager
+from baton.services.engine.models.base import CausalLM
+from baton.services.engine.outputs import EngineStats
+from baton.services.engine.request import Request, RequestStatus
+from baton.services.engine.runner import ModelRunner, kv_bytes_per_block
+from baton.services.engine.scheduler import Scheduler
+from baton.services.engine.step_io import EngineCoreOutput
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model: CausalLM,
+        cache: CacheConfig,
+        scheduler: SchedulerConfig,
+        max_model_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        num_blocks = cache.num_blocks
+        if num_blocks is None:
+            num_blocks = cache.kv_cache_memory_bytes // kv_bytes_per_block(
+                model.config, cache.block_size, dtype
+            )
+        capacity = num_blocks * cache.block_size
+        if max_model_len > capacity:
+            logger.warning(
+                "max_model_len %d exceeds the KV pool (%d tokens); capping it",
+                max_model_len,
+                capacity,
+            )
+            max_model_len = capacity
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler, self.kv, max_model_len)
+        self.runner = ModelRunner(model, num_blocks, cache.block_size, dtype, device)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort(self, request_ids: list[str]) -> list[Request]:
+        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def step(self) -> list[EngineCoreOutput]:
+        """schedule → execute → update. An empty schedule still tells the runner what ended."""
+        scheduled = self.scheduler.schedule()
+        result = self.runner.execute(scheduled)
+        if scheduled.is_empty:
+            return []
+        return self.scheduler.update_from_output(scheduled, result)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage(),
+            num_kv_blocks=self.kv.num_blocks,
+            prefix_cache_queries_tokens=self.kv.prefix_queries_tokens,
+            prefix_cache_hits_tokens=self.kv.prefix_hits_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def check_integrity(self, expect_idle: bool = False) -> None:
+        """Block-pool invariants; at idle every block is free or cached and none referenced."""
+        self.kv.check_integrity(expect_idle)

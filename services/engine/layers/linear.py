@@ -1,0 +1,81 @@
+"""Frozen, uninitialised linear and embedding layers whose weights come from a checkpoint.
+
+Why not nn.Linear / nn.Embedding: their random init costs seconds on a real model and is thrown
+away by load_weights, and their parameters require grad, so a caller that forgets no_grad would
+build an autograd graph every step. Fused projections (qkv, gate_up) are one Linear whose output
+rows are the concatenation of several checkpoint tensors ("shards"), loaded with load_shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _frozen(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T (+ b); W is [sum(out_sizes), in_features], shard i owns its out_sizes[i] rows.
+
+    One matmul for several projections (q/k/v, gate/up) cuts kernel launches and reads x once.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_sizes: Sequence[int],
+        *,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_sizes = tuple(out_sizes)
+        self.out_features = sum(self.out_sizes)
+        self.weight = _frozen(self.out_features, in_features, dtype=dtype, device=device)
+        self.bias: nn.Parameter | None = (
+            _frozen(self.out_features, dtype=dtype, device=device) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
+        """Copy one checkpoint tensor ("weight" or "bias") into the rows of shard `shard`."""
+        param = self.weight if param_name == "weight" else self.bias
+        if param is None or param_name not in ("weight", "bias"):
+            raise KeyError(f"Linear has no parameter {param_name!r}")
+        start = sum(self.out_sizes[:shard])
+        rows = param.data[start : start + self.out_sizes[shard]]
+        if rows.shape != tensor.shape:
+            raise ValueError(
+                f"shard {shard} of {param_name}: expected {rows.shape}, got {tensor.shape}"
+            )
+        rows.copy_(tensor)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_sizes}, bias={self.bias is not None}"
+
+
+class Embedding(nn.Module):
+    """Token embedding table [num_embeddings, dim]; also the LM head when embeddings are tied."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.weight = _frozen(num_embeddings, dim, dtype=dtype, device=device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)

@@ -1,0 +1,34 @@
+"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baton.services.engine.layers.linear import Linear
+
+
+class SwiGLUMLP(nn.Module):
+    """gate_up_proj holds [gate; up] rows (shards 0 and 1), so x is read by one GEMM, not two."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = Linear(
+            hidden_size, (intermediate_size, intermediate_size), dtype=dtype, device=device
+        )
+        self.down_proj = Linear(intermediate_size, (hidden_size,), dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up: torch.Tensor = self.gate_up_proj(x)
+        gate, up = gate_up[..., : self.intermediate_size], gate_up[..., self.intermediate_size :]
+        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        return out

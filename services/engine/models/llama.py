@@ -1,0 +1,225 @@
+"""The Llama family (Llama, SmolLM2, Qwen2, Qwen3) as one model over packed ragged batches.
+
+Family differences are flags of ModelArchConfig read by one decoder layer, never subclasses:
+  attention_bias  bias on the fused qkv projection (Qwen2)
+  qk_norm         per-head RMSNorm on q and k before RoPE (Qwen3)
+  rope_scaling    Llama-3.1 frequency scaling
+  tie_word_embeddings  LM head shares the embedding table (SmolLM2, small Qwens)
+
+Per layer the hot path is: norm → one qkv GEMM → RoPE on q and k together → paged attention →
+o_proj → residual → norm → one gate_up GEMM → SiLU·up → down → residual; no per-token Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baton.services.engine.layers.attention import Attention, AttentionMetadata
+from baton.services.engine.layers.linear import Embedding, Linear
+from baton.services.engine.layers.mlp import SwiGLUMLP
+from baton.services.engine.layers.norm import RMSNorm, rms_norm
+from baton.services.engine.layers.rotary import RotaryEmbedding, apply_rotary
+from baton.services.engine.models.base import CausalLM, ModelArchConfig
+
+# HF checkpoint projection → (our fused module, shard index in it).
+_FUSED_SHARDS: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+_UNFUSED: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention block: fused qkv, optional q/k head norm, RoPE, paged attention, o_proj."""
+
+    def __init__(self, cfg: ModelArchConfig, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_size, self.kv_size = q_size, kv_size
+        self.qkv_proj = Linear(
+            cfg.hidden_size,
+            (q_size, kv_size, kv_size),
+            bias=cfg.attention_bias,
+            dtype=dtype,
+            device=device,
+        )
+        self.o_proj = Linear(q_size, (cfg.hidden_size,), dtype=dtype, device=device)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.eps = cfg.rms_norm_eps
+        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        qkv: torch.Tensor = self.qkv_proj(x)
+        # q and k heads side by side: [T, heads + kv_heads, D], so norm and RoPE run once for both.
+        qk = qkv[:, : self.q_size + self.kv_size].view(
+            num_tokens, self.num_heads + self.num_kv_heads, self.head_dim
+        )
+        v = qkv[:, self.q_size + self.kv_size :]
+        if self.q_norm is not None and self.k_norm is not None:
+            # Per-head weights, laid out to match qk's head axis (elementwise identical to HF's
+            # separate q_norm / k_norm calls).
+            weight = torch.cat(
+                (
+                    self.q_norm.weight.expand(self.num_heads, -1),
+                    self.k_norm.weight.expand(self.num_kv_heads, -1),
+                )
+            )
+            qk = rms_norm(qk, weight, self.eps)
+        qk = apply_rotary(qk, cos, sin)
+        q = qk[:, : self.num_heads].reshape(num_tokens, self.q_size)
+        k = qk[:, self.num_heads :].reshape(num_tokens, self.kv_size)
+        out: torch.Tensor = self.attn(q, k, v, kv_cache, meta)
+        projected: torch.Tensor = self.o_proj(out)
+        return projected
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelArchConfig, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device
+        )
+        self.self_attn = LlamaAttention(cfg, dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device
+        )
+        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, device=device)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
+        out: torch.Tensor = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return out
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder stack and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelArchConfig, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, dtype=dtype, device=device) for _ in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim,
+            cfg.max_position_embeddings,
+            cfg.rope_theta,
+            cfg.rope_scaling,
+            dtype=dtype,
+            device=device,
+        )
+
+
+class LlamaForCausalLM(CausalLM):
+    """CausalLM for llama / qwen2 / qwen3 checkpoints; parameters are created uninitialised."""
+
+    def __init__(
+        self,
+        config: ModelArchConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, dtype=dtype, device=device)
+        self.lm_head: Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(
+                config.hidden_size, (config.vocab_size,), dtype=dtype, device=device
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        model = self.model
+        cos, sin = model.rotary.cos_sin(positions)
+        hidden: torch.Tensor = model.embed_tokens(input_ids)
+        for i, layer in enumerate(model.layers):
+            hidden = layer(hidden, cos, sin, kv_cache[i], meta)
+        out: torch.Tensor = model.norm(hidden)
+        return out
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        # In the model dtype, then upcast: what HF does, so bf16 logits match too.
+        return F.linear(hidden, weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into (fused) parameters; raise on unknown, missing or misshapen."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # recomputed from the config
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding table is the head
+            module_name, _, param_name = name.rpartition(".")
+            parent, _, proj = module_name.rpartition(".")
+            if proj in _FUSED_SHARDS:
+                fused, shard = _FUSED_SHARDS[proj]
+                target = self.get_submodule(f"{parent}.{fused}")
+                assert isinstance(target, Linear), name
+                target.load_shard(param_name, shard, tensor)
+            else:
+                if name not in params:
+                    raise KeyError(f"unexpected checkpoint tensor {name!r}")
+                param = params[name]
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{name}: expected {tuple(param.shape)}, got {tensor.shape}")
+                param.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(self._checkpoint_names() - loaded)
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _checkpoint_names(self) -> set[str]:
+        """The HF names a complete checkpoint provides (fused parameters expanded)."""
+        names: set[str] = set()
+        for name, _ in self.named_parameters():
+            module_name, _, param_name = name.rpartition(".")
+            parent, _, leaf = module_name.rpartition(".")
+            prefix = f"{parent}." if parent else ""
+            for part in _UNFUSED.get(leaf, (leaf,)):
+                names.add(f"{prefix}{part}.{param_name}")
+        return names

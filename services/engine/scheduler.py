@@ -1,0 +1,262 @@
+"""Continuous batching: which requests compute how many tokens this step.
+
+One token budget per step is spent first on running requests (decodes and unfinished prefill
+chunks, in admission or priority order), then on admitting waiting requests, whose prefix hits
+are applied first. When a running request cannot get a block, the lowest-priority running
+request not yet scheduled this step is preempted by recompute: it gives back all its blocks and
+returns to the head of the queue keeping its outputs; on resumption it recomputes prompt and
+outputs (hitting the prefix cache where its blocks survived) and carries on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from baton.services.engine.config import SchedulerConfig
+from baton.services.engine.kv_cache_manager import KVCacheManager
+from baton.services.engine.request import Request, RequestStatus
+from baton.services.engine.step_io import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._finished_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ---- admission and abort -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        need = self.kv.blocks_for(request.num_prompt_tokens + max(request.max_tokens, 0))
+        if need > self.kv.num_blocks:
+            raise ValueError(
+                f"prompt ({request.num_prompt_tokens} tokens) plus max_tokens "
+                f"({request.max_tokens}) needs {need} KV blocks; the pool has {self.kv.num_blocks}"
+            )
+        self.requests[request.request_id] = request
+        self._enqueue(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests in any state (waiting, running, preempted), freeing all they hold."""
+        assert status.finished, status
+        ended = []
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request in self.running:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            self._end(request, status)
+            ended.append(request)
+        return ended
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        cached: list[CachedRequestData] = []
+        new: list[NewRequestData] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_tokens_to_compute(request, request.num_computed_tokens, budget)
+            new_blocks = self.kv.allocate(request, num_new)
+            while new_blocks is None:
+                victim = self._pick_victim(after=i)
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+                new_blocks = self.kv.allocate(request, num_new)
+            if new_blocks is None:
+                continue  # `request` itself was preempted; running[i] is now the next one
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            cached.append(
+                CachedRequestData(
+                    request.request_id,
+                    tuple(b.block_id for b in new_blocks),
+                    request.num_computed_tokens,
+                )
+            )
+            i += 1
+
+        # Admitting after a preemption would only thrash: the pool is already short.
+        if not preempted:
+            budget = self._admit(budget, num_scheduled, new)
+
+        for request_id, num_new in num_scheduled.items():
+            self.requests[request_id].num_computed_tokens += num_new
+        finished, self._finished_ids = self._finished_ids, set()
+        return SchedulerOutput(
+            new_requests=tuple(new),
+            cached_requests=tuple(cached),
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_request_ids=frozenset(finished),
+        )
+
+    def update_from_output(
+        self, scheduled: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Record sampled tokens, publish computed blocks, and end requests that stop."""
+        outputs = []
+        now = time.monotonic()
+        for request_id in scheduled.num_scheduled_tokens:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue  # aborted while the step ran
+            self.kv.cache_computed(request)
+            token_id = result.sampled_token_ids.get(request_id)
+            if token_id is None:
+                continue  # mid-prefill chunk: nothing to report yet
+            request.append_output_token(token_id)
+            if request.timings.first_token_s is None:
+                request.timings.first_token_s = now
+            request.timings.last_token_s = now
+            status = self._check_stop(request, token_id)
+            logprobs: tuple[TokenLogprobs, ...] = ()
+            if request_id in result.logprobs:
+                logprobs = (result.logprobs[request_id],)
+            if status is not None:
+                self.finish_requests([request_id], status)
+            outputs.append(
+                EngineCoreOutput(
+                    request_id,
+                    (token_id,),
+                    logprobs,
+                    status.finish_reason if status is not None else None,
+                    request.stop_reason,
+                )
+            )
+        return outputs
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _admit(self, budget: int, num_scheduled: dict[str, int], new: list[NewRequestData]) -> int:
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting[i]
+            sibling = request.wait_for
+            if (
+                sibling is not None
+                and not sibling.is_finished
+                and sibling.num_computed_tokens < sibling.num_prompt_tokens
+            ):
+                i += 1  # share the sibling's prompt blocks once they exist (n > 1)
+                continue
+            hit = self.kv.find_prefix(request)
+            num_new = self._num_tokens_to_compute(request, hit.num_tokens, budget)
+            if self.kv.allocate(request, num_new, hit) is None:
+                break  # head-of-line: later requests wait their turn
+            self.waiting.pop(i)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = hit.num_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = hit.num_tokens
+            if request.timings.first_scheduled_s is None:
+                request.timings.first_scheduled_s = time.monotonic()
+            self._insert_running(request)
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            new.append(
+                NewRequestData(
+                    request_id=request.request_id,
+                    token_ids=tuple(request.all_token_ids),
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    block_ids=tuple(self.kv.block_ids(request)),
+                    num_computed_tokens=hit.num_tokens,
+                    params=request.params,
+                    generator=request.generator,
+                    eos_token_ids=request.eos_token_ids,
+                )
+            )
+        return budget
+
+    def _num_tokens_to_compute(self, request: Request, num_computed: int, budget: int) -> int:
+        num_new = min(request.num_tokens - num_computed, budget)
+        if self.config.max_prefill_chunk is not None:
+            num_new = min(num_new, self.config.max_prefill_chunk)
+        assert num_new > 0, (request, num_computed, budget)
+        return num_new
+
+    def _pick_victim(self, after: int) -> Request:
+        """The lowest-priority running request not yet scheduled this step (else running[after])."""
+        candidates = self.running[after:]
+        if self.config.policy == "priority":
+            return max(candidates, key=Request.sort_key)
+        return candidates[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.timings.num_preemptions += 1
+        self.num_preemptions += 1
+        self._finished_ids.add(request.request_id)  # the runner drops its state
+        self._enqueue(request, front=True)
+
+    def _enqueue(self, request: Request, front: bool = False) -> None:
+        if self.config.policy == "priority":
+            key = request.sort_key()
+            pos = next((j for j, r in enumerate(self.waiting) if r.sort_key() > key), None)
+            self.waiting.insert(len(self.waiting) if pos is None else pos, request)
+        elif front:
+            self.waiting.insert(0, request)
+        else:
+            self.waiting.append(request)
+
+    def _insert_running(self, request: Request) -> None:
+        if self.config.policy == "priority":
+            key = request.sort_key()
+            pos = next((j for j, r in enumerate(self.running) if r.sort_key() > key), None)
+            self.running.insert(len(self.running) if pos is None else pos, request)
+        else:
+            self.running.append(request)
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _end(self, request: Request, status: RequestStatus) -> None:
+        self.kv.free(request)
+        request.status = status
+        request.timings.finished_s = time.monotonic()
+        self._finished_ids.add(request.request_id)
