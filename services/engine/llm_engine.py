@@ -25,7 +25,7 @@ from baton.services.engine.outputs import (
 )
 from baton.services.engine.request import Request, RequestStatus
 from baton.services.engine.sampling_params import SamplingParams
-from baton.services.engine.step_io import EngineCoreOutput
+from baton.services.engine.step_io import EngineCoreOutput, TokenLogprobs
 from baton.services.engine.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,7 +153,7 @@ class LLMEngine:
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, token_ids, params)
-            logprobs = [] if params.logprobs is not None else None
+            logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
             seq = _Sequence(request, CompletionOutput(i, logprobs=logprobs), detok)
             tracked.sequences.append(seq)
         for seq in tracked.sequences:
@@ -213,6 +213,8 @@ class LLMEngine:
         finish_reason, stop_reason = out.finish_reason, out.stop_reason
         if seq.detok is not None:
             stop_str = seq.detok.update(list(out.new_token_ids))
+            if stop_str is None and finish_reason is not None:
+                stop_str = seq.detok.flush()  # withheld partial characters: the text is final
             completion.text = seq.detok.output_text
             if stop_str is not None and finish_reason is None:
                 # A stop string ends the sequence here even though the scheduler would go on.
