@@ -9,13 +9,14 @@ import time
 from collections.abc import Sequence
 
 from baton.services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from baton.services.engine.dtypes import CHOICES
 from baton.services.engine.llm_engine import LLMEngine
 from baton.services.engine.sampling_params import SamplingParams
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 | path.gguf | HF folder | dummy:cfg")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=list(CHOICES))
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)

@@ -49,8 +49,9 @@ class EngineConfig:
 
     model: str = "smollm2"
     """"smollm2" (the embedded default), a .gguf path, an HF folder, or "dummy:<config.json>"."""
-    dtype: str = "float32"
-    """Weights, activations and KV: "float32" or "bfloat16"."""
+    dtype: str = "auto"
+    """Weights, activations and KV: "auto" (bf16 where native, else float32), "float32",
+    "bfloat16" or "float16"."""
     device: str = "cpu"
     seed: int = 0
     """Seed for random weights (dummy models) and unseeded sampling."""

@@ -15,6 +15,7 @@ import torch
 from baton.kvstore.block_hash import BlockHashExtra
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.detokenizer import IncrementalDetokenizer
+from baton.services.engine.dtypes import resolve_dtype
 from baton.services.engine.engine_core import EngineCore
 from baton.services.engine.loader import LoadedModel, load_model
 from baton.services.engine.outputs import (
@@ -27,8 +28,6 @@ from baton.services.engine.request import Request, RequestStatus
 from baton.services.engine.sampling_params import SamplingParams
 from baton.services.engine.step_io import EngineCoreOutput, TokenLogprobs
 from baton.services.engine.tokenizer import Tokenizer
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -88,7 +87,7 @@ class LLMEngine:
             config.cache,
             config.scheduler,
             max_len,
-            _DTYPES[config.dtype],
+            resolve_dtype(config.dtype, config.device),
             torch.device(config.device),
         )
         self.max_model_len = self.core.max_model_len
@@ -101,9 +100,8 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
-        if config.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
-        loaded = load_model(config.model, _DTYPES[config.dtype], config.device, config.seed)
+        dtype = resolve_dtype(config.dtype, config.device)
+        loaded = load_model(config.model, dtype, config.device, config.seed)
         return cls(config, loaded)
 
     # ---- requests ------------------------------------------------------------------------

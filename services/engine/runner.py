@@ -76,6 +76,8 @@ class ModelRunner:
         device: torch.device,
     ) -> None:
         self.model = model
+        if device.type == "cpu":
+            model.pack_for_cpu()
         self.arch = model.config
         self.block_size = block_size
         self.device = device
@@ -146,6 +148,7 @@ class ModelRunner:
             block_tables=block_tables.to(self.device),
             seq_lens=seq_lens,
             query_start_loc=query_start_loc,
+            block_size=bs,
         )
         return _BatchInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=self.device),

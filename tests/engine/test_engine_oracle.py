@@ -38,7 +38,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm() -> Iterator[LLM]:
-    yield LLM()
+    yield LLM(dtype="float32")
 
 
 def _chat_ids(llm: LLM, question: str, system: str | None = None) -> list[int]:
@@ -84,7 +84,7 @@ def test_all_at_once(llm: LLM, prompts: list[list[int]], expected: list[list[int
 
 
 def test_chunked_prefill_16(prompts: list[list[int]], expected: list[list[int]]) -> None:
-    small = LLM(max_prefill_chunk=16, max_num_batched_tokens=64)
+    small = LLM(dtype="float32", max_prefill_chunk=16, max_num_batched_tokens=64)
     _assert_same(_tokens(small, prompts), expected)
     small.engine.check_integrity(expect_idle=True)
 
@@ -105,7 +105,7 @@ def test_shared_system_prompt_hits_prefix_cache(llm: LLM, hf_greedy: Greedy) -> 
 
 def test_tiny_pool_preempts_and_resumes(prompts: list[list[int]], expected: list[list[int]]):
     longest = max(len(p) for p in prompts) + NEW_TOKENS
-    tiny = LLM(num_blocks=longest // 16 + 8, max_num_batched_tokens=512)
+    tiny = LLM(dtype="float32", num_blocks=longest // 16 + 8, max_num_batched_tokens=512)
     _assert_same(_tokens(tiny, prompts), expected)
     assert tiny.engine.stats().num_preemptions > 0
     tiny.engine.check_integrity(expect_idle=True)

@@ -71,6 +71,7 @@ class PagedRunner:
             block_tables=self.block_tables,
             seq_lens=list(self.seq_lens),
             query_start_loc=query_start_loc,
+            block_size=BLOCK_SIZE,
         )
         hidden = self.model(torch.tensor(ids, dtype=torch.int64), pos, self.kv_cache, meta)
         logits = self.model.compute_logits(hidden)

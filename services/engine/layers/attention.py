@@ -8,11 +8,17 @@ slice of the KV cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 
-from baton.kernels.attention_ref import paged_attention, write_kv_cache
+from baton.kernels.attention_ref import (
+    AttentionPlan,
+    paged_attention,
+    plan_attention,
+    write_kv_cache,
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,15 @@ class AttentionMetadata:
     """Per sequence: context length after this step (cached + new tokens)."""
     query_start_loc: list[int]
     """num_seqs + 1 offsets of each sequence's new tokens in the packed batch."""
+    block_size: int
+    """Tokens per KV block."""
+
+    @cached_property
+    def plan(self) -> AttentionPlan:
+        """The kernel's index work for this step: built by the first layer, reused by the rest."""
+        return plan_attention(
+            self.block_tables, self.seq_lens, self.query_start_loc, self.block_size
+        )
 
     @property
     def num_seqs(self) -> int:
@@ -64,13 +79,5 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.block_tables,
-            meta.seq_lens,
-            meta.query_start_loc,
-            self.scale,
-        )
+        out = paged_attention(q, k_cache, v_cache, meta.plan, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baton.kernels.cpu_linear import can_pack, pack_weight, packed_linear
+
 
 def _frozen(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
@@ -42,9 +44,24 @@ class Linear(nn.Module):
         self.bias: nn.Parameter | None = (
             _frozen(self.out_features, dtype=dtype, device=device) if bias else None
         )
+        self.packed: torch.Tensor | None = None
+        """oneDNN-packed weight once pack_for_cpu ran (then `weight` is released)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
+
+    def pack_for_cpu(self) -> bool:
+        """Swap the plain weight for a oneDNN-packed one (CPU inference); False if not possible.
+
+        The plain weight is released to keep one copy in memory: call after loading weights.
+        """
+        if self.packed is not None or not can_pack(self.weight):
+            return self.packed is not None
+        self.packed = pack_weight(self.weight.data)
+        self.weight = _frozen(0, self.in_features, dtype=self.weight.dtype, device="cpu")
+        return True
 
     def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor ("weight" or "bias") into the rows of shard `shard`."""

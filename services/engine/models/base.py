@@ -72,6 +72,9 @@ class CausalLM(nn.Module, ABC):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] (only the rows that need sampling) → float32 logits [n, vocab]."""
 
+    def pack_for_cpu(self) -> None:
+        """Re-lay weights for the CPU matmul kernels after loading (no-op by default)."""
+
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load tensors named as in HF checkpoints (model.layers.0.self_attn.q_proj.weight)."""

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baton.kernels.cpu_linear import can_pack, pack_weight, packed_linear
 from baton.services.engine.layers.attention import Attention, AttentionMetadata
 from baton.services.engine.layers.linear import Embedding, Linear
 from baton.services.engine.layers.mlp import SwiGLUMLP
@@ -158,6 +159,7 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, dtype=dtype, device=device)
+        self._packed_head: torch.Tensor | None = None
         self.lm_head: Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = Linear(
@@ -180,9 +182,25 @@ class LlamaForCausalLM(CausalLM):
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         # In the model dtype, then upcast: what HF does, so bf16 logits match too.
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            logits: torch.Tensor = self.lm_head(hidden)
+        elif self._packed_head is not None:
+            logits = packed_linear(
+                hidden, self._packed_head, None, self.model.embed_tokens.weight.shape[0]
+            )
+        else:
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
+        return logits.float()
+
+    def pack_for_cpu(self) -> None:
+        """Pack every projection (and the tied head, as its own copy) for oneDNN."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack_for_cpu()
+        table = self.model.embed_tokens.weight
+        if self.lm_head is None and can_pack(table):
+            self._packed_head = pack_weight(table.data)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
