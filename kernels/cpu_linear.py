@@ -13,20 +13,25 @@ import torch
 _PACKABLE = (torch.float32, torch.bfloat16)
 
 
+def _onednn_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether pack_weight applies: a CPU tensor of a dtype oneDNN packs, oneDNN present."""
     return (
         weight.device.type == "cpu"
         and weight.dtype in _PACKABLE
         and weight.dim() == 2
-        and torch.backends.mkldnn.is_available()
+        and _onednn_available()
     )
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] plain weight → an opaque oneDNN-packed tensor for packed_linear."""
     assert can_pack(weight), (weight.device, weight.dtype, weight.shape)
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+    return packed
 
 
 def packed_linear(
@@ -36,6 +41,6 @@ def packed_linear(
     assert x.dtype == packed.dtype, (x.dtype, packed.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+    y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
     assert y.shape[-1] == out_features, (y.shape, out_features)
     return y.view(*lead, out_features)

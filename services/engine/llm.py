@@ -47,9 +47,15 @@ class LLM:
         """One RequestOutput per prompt, in order. A prompt is text or a list of token ids."""
         batch = _as_batch(prompts)
         params = _as_params(sampling_params, len(batch))
-        ids = []
-        for i, (prompt, p) in enumerate(zip(batch, params, strict=True)):
-            ids.append(self.engine.add_request(prompt, p, priority=priority[i] if priority else 0))
+        ids: list[str] = []
+        try:
+            for i, (prompt, p) in enumerate(zip(batch, params, strict=True)):
+                ids.append(
+                    self.engine.add_request(prompt, p, priority=priority[i] if priority else 0)
+                )
+        except Exception:
+            self.engine.abort_request(ids)  # all or nothing: no orphan keeps the engine busy
+            raise
         return self._run(ids)
 
     def chat(
