@@ -28,7 +28,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	mkdir -p build/mypy && ln -sfn "$(CURDIR)" build/mypy/baton
 	cd build/mypy && "$(CURDIR)/$(VENV)/bin/mypy" --config-file "$(CURDIR)/pyproject.toml" \
-		-p baton.services.engine -p baton.kvstore -p baton.kernels
+		-p baton.services -p baton.kvstore -p baton.kernels -p baton.router -p baton.loadgen
 
 pytest: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -132,6 +132,83 @@ def cmd_chat(a: argparse.Namespace) -> int:
             return 0
 
 
+def cmd_worker(a: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from baton.services.worker.server import WorkerConfig, run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    engine = EngineConfig(
+        model=a.model,
+        dtype=a.dtype,
+        max_model_len=a.max_model_len,
+        cache=CacheConfig(
+            block_size=a.block_size, kv_cache_memory_bytes=a.kv_cache_memory_mb * 1024**2
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens
+        ),
+    )
+    worker = WorkerConfig(
+        role=a.role,
+        host=a.host,
+        port=a.port,
+        worker_id=a.worker_id,
+        redis_url=a.redis_url,
+        transport=a.transport,
+        metrics_port=a.metrics_port,
+        remote_prefill_min_tokens=a.remote_prefill_min_tokens,
+    )
+    asyncio.run(run_worker(worker, engine))
+    return 0
+
+
+def cmd_gateway(a: argparse.Namespace) -> int:
+    import logging
+
+    from baton.services.gateway.main import run_gateway
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_gateway(a.host, a.port, a.redis_url, a.model, tuple(a.api_key), a.policy)
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from baton.services.launcher import ServeConfig, serve
+
+    return serve(
+        ServeConfig(
+            host=a.host,
+            port=a.port,
+            model=a.model,
+            dtype=a.dtype,
+            num_prefill=a.num_prefill,
+            num_decode=a.num_decode,
+            colocated=a.colocated,
+            transport=a.transport,
+            redis_url=a.redis_url,
+            kv_cache_memory_mb=a.kv_cache_memory_mb,
+            remote_prefill_min_tokens=a.remote_prefill_min_tokens,
+            api_keys=tuple(a.api_key),
+            log_dir=a.log_dir,
+        )
+    )
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--redis-url", default="", help="empty: start a Redis server (serve only)")
+    p.add_argument("--transport", default="tcp", choices=["tcp", "nixl", "mooncake"])
+    p.add_argument("--kv-cache-memory-mb", type=int, default=512)
+    p.add_argument(
+        "--remote-prefill-min-tokens",
+        type=int,
+        default=32,
+        help="conditional disaggregation: shorter uncached prompts are prefilled on decode",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="baton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +223,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     _engine_args(chat)
     _sampling_args(chat, max_tokens=256)
     chat.set_defaults(func=cmd_chat)
+    serve = sub.add_parser("serve", help="the whole cluster on this machine (OpenAI API)")
+    _engine_args(serve)
+    _cluster_args(serve)
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--num-prefill", type=int, default=1)
+    serve.add_argument("--num-decode", type=int, default=1)
+    serve.add_argument("--colocated", action="store_true", help="one mixed worker")
+    serve.add_argument("--api-key", action="append", default=[])
+    serve.add_argument("--log-dir", default="")
+    serve.set_defaults(func=cmd_serve)
+    worker = sub.add_parser("worker", help="one engine behind gRPC (started by serve)")
+    _engine_args(worker)
+    _cluster_args(worker)
+    worker.add_argument("--role", default="mixed", choices=["prefill", "decode", "mixed"])
+    worker.add_argument("--port", type=int, default=0)
+    worker.add_argument("--worker-id", default="")
+    worker.add_argument("--metrics-port", type=int, default=None)
+    worker.set_defaults(func=cmd_worker)
+    gateway = sub.add_parser("gateway", help="the OpenAI HTTP front (started by serve)")
+    gateway.add_argument("--model", default="smollm2")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--redis-url", required=True)
+    gateway.add_argument("--api-key", action="append", default=[])
+    gateway.add_argument("--policy", default="least_load", choices=["least_load", "round_robin"])
+    gateway.set_defaults(func=cmd_gateway)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

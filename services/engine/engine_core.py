@@ -45,6 +45,8 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler, self.kv, max_model_len)
         self.runner = ModelRunner(model, num_blocks, cache.block_size, dtype, device)
+        self.last_num_scheduled_tokens = 0
+        """Tokens computed by the last step: 0 means the engine had nothing it could run."""
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -55,6 +57,7 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """schedule → execute → update. An empty schedule still tells the runner what ended."""
         scheduled = self.scheduler.schedule()
+        self.last_num_scheduled_tokens = scheduled.total_num_scheduled_tokens
         result = self.runner.execute(scheduled)
         if scheduled.is_empty:
             return []
@@ -72,6 +75,10 @@ class EngineCore:
             prefix_cache_queries_tokens=self.kv.prefix_queries_tokens,
             prefix_cache_hits_tokens=self.kv.prefix_hits_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            num_outstanding_tokens=sum(
+                r.num_tokens - r.num_computed_tokens + max(r.max_tokens - r.num_output_tokens, 0)
+                for r in self.scheduler.requests.values()
+            ),
         )
 
     def check_integrity(self, expect_idle: bool = False) -> None:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from baton.kvstore.block_hash import BlockHashExtra
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.detokenizer import IncrementalDetokenizer
 from baton.services.engine.dtypes import resolve_dtype
@@ -26,6 +25,7 @@ from baton.services.engine.outputs import (
 )
 from baton.services.engine.request import Request, RequestStatus
 from baton.services.engine.sampling_params import SamplingParams
+from baton.services.engine.sequences import SequenceFactory
 from baton.services.engine.step_io import EngineCoreOutput, TokenLogprobs
 from baton.services.engine.tokenizer import Tokenizer
 
@@ -94,6 +94,14 @@ class LLMEngine:
         self.eos_token_ids = tuple(loaded.arch.eos_token_ids) or (
             self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
         )
+        self.sequences = SequenceFactory(
+            model_id=self.model_id,
+            block_size=config.cache.block_size,
+            max_model_len=self.max_model_len,
+            vocab_size=loaded.arch.vocab_size,
+            eos_token_ids=self.eos_token_ids,
+            default_cache_salt=config.cache.cache_salt,
+        )
         self._tracked: dict[str, _Tracked] = {}
         self._seq_owner: dict[str, tuple[_Tracked, _Sequence]] = {}
         self._ids = itertools.count()
@@ -126,28 +134,10 @@ class LLMEngine:
             token_ids = self.tokenizer.encode(prompt)
         else:
             token_ids = list(prompt)
-        self._validate_prompt(token_ids)
-        extra = BlockHashExtra(
-            self.model_id, cache_salt if cache_salt is not None else self.config.cache.cache_salt
-        ).encode()
         tracked = _Tracked(request_id, text, token_ids)
-        first: Request | None = None
-        for i in range(params.n):
-            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            seed = None if params.seed is None else params.seed + i
-            request = Request(
-                seq_id,
-                token_ids,
-                params,
-                block_size=self.config.cache.block_size,
-                hash_extra=extra,
-                max_model_len=self.max_model_len,
-                priority=priority,
-                eos_token_ids=self.eos_token_ids,
-                seed=seed,
-                wait_for=first,
-            )
-            first = first or request
+        for i, request in enumerate(
+            self.sequences.make(request_id, token_ids, params, priority, cache_salt)
+        ):
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, token_ids, params)
@@ -224,16 +214,3 @@ class LLMEngine:
                 finish_reason, stop_reason = "stop", stop_str
         completion.finish_reason = finish_reason
         completion.stop_reason = stop_reason
-
-    def _validate_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens; this model's context is "
-                f"{self.max_model_len} tokens including at least one generated token"
-            )
-        vocab = self.arch.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")

@@ -79,3 +79,5 @@ class EngineStats:
     prefix_cache_queries_tokens: int
     prefix_cache_hits_tokens: int
     num_preemptions: int
+    num_outstanding_tokens: int = 0
+    """Prompt tokens still to compute plus tokens still to generate: the router's load signal."""

@@ -14,6 +14,7 @@ from baton.services.engine.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -80,6 +81,11 @@ class Request:
         """Prompt tokens served from the prefix cache at first admission (-1 = not yet)."""
         self.wait_for = wait_for
         """Admit only after this sibling's prompt is computed, to share its blocks (n > 1)."""
+        self.remote_prefill_min_tokens: int | None = None
+        """Disaggregated decode: have a remote worker prefill the prompt when at least this many
+        prompt tokens miss the local prefix cache (None: always prefill locally)."""
+        self.hold_blocks_on_finish = False
+        """Prefill-for-remote: keep the blocks after finishing until release_held (transfer)."""
         self.timings = RequestTimings()
         self.generator: torch.Generator | None = None
         if seed is not None:

@@ -14,13 +14,14 @@ import time
 from collections.abc import Iterable
 
 from baton.services.engine.config import SchedulerConfig
-from baton.services.engine.kv_cache_manager import KVCacheManager
+from baton.services.engine.kv_cache_manager import KVCacheManager, PrefixHit
 from baton.services.engine.request import Request, RequestStatus
 from baton.services.engine.step_io import (
     CachedRequestData,
     EngineCoreOutput,
     ModelRunnerOutput,
     NewRequestData,
+    RemotePrefillStart,
     SchedulerOutput,
     TokenLogprobs,
 )
@@ -36,6 +37,15 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()
         self.num_preemptions = 0
+        # Disaggregation. Decode side: requests whose blocks a remote prefill is filling, and
+        # aborted ones whose blocks must outlive the transfer in flight. Prefill side: finished
+        # requests whose blocks are held until they have been sent.
+        self.awaiting_kv: dict[str, Request] = {}
+        self._aborted_in_flight: dict[str, Request] = {}
+        self._remote_starts: list[RemotePrefillStart] = []
+        self._unsent: set[str] = set()
+        """Running requests the runner has not seen yet (admitted through remote KV)."""
+        self.held: dict[str, tuple[Request, tuple[int, ...]]] = {}
 
     # ---- admission and abort -------------------------------------------------------------
 
@@ -59,6 +69,16 @@ class Scheduler:
             request = self.requests.pop(request_id, None)
             if request is None:
                 continue
+            self._unsent.discard(request_id)
+            if request_id in self.awaiting_kv:
+                # A transfer may still be writing into its blocks: free them only once the
+                # prefill worker has answered (remote_kv_ready / remote_kv_failed).
+                del self.awaiting_kv[request_id]
+                self._aborted_in_flight[request_id] = request
+                request.status = status
+                request.timings.finished_s = time.monotonic()
+                ended.append(request)
+                continue
             if request in self.running:
                 self.running.remove(request)
             elif request in self.waiting:
@@ -66,6 +86,61 @@ class Scheduler:
             self._end(request, status)
             ended.append(request)
         return ended
+
+    # ---- disaggregation --------------------------------------------------------------------
+
+    def take_remote_prefill_starts(self) -> list[RemotePrefillStart]:
+        starts, self._remote_starts = self._remote_starts, []
+        return starts
+
+    def remote_kv_ready(
+        self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None
+    ) -> EngineCoreOutput | None:
+        """The prompt's KV is in this worker's blocks and its first token was sampled remotely.
+
+        Returns the first token's output (None if the request was aborted meanwhile).
+        """
+        if self._release_aborted(request_id):
+            return None
+        request = self.awaiting_kv.pop(request_id)
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv.cache_computed(request)
+        request.status = RequestStatus.RUNNING
+        self._insert_running(request)
+        self._unsent.add(request_id)
+        result = ModelRunnerOutput(
+            {request_id: first_token_id}, {request_id: logprobs} if logprobs else {}
+        )
+        scheduled = SchedulerOutput((), (), {request_id: 0}, 0, frozenset())
+        outputs = self.update_from_output(scheduled, result)
+        return outputs[0] if outputs else None
+
+    def remote_kv_failed(self, request_id: str) -> None:
+        """The remote prefill failed: prefill here instead (nothing is lost but time)."""
+        if self._release_aborted(request_id):
+            return
+        request = self.awaiting_kv.pop(request_id)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.remote_prefill_min_tokens = None
+        request.status = RequestStatus.WAITING
+        self._enqueue(request, front=True)
+
+    def held_block_ids(self, request_id: str) -> tuple[int, ...]:
+        return self.held[request_id][1]
+
+    def release_held(self, request_id: str) -> None:
+        """The held blocks of a finished prefill-for-remote request have been sent."""
+        entry = self.held.pop(request_id, None)
+        if entry is not None:
+            self.kv.free(entry[0])
+
+    def _release_aborted(self, request_id: str) -> bool:
+        request = self._aborted_in_flight.pop(request_id, None)
+        if request is None:
+            return False
+        self.kv.free(request)
+        return True
 
     @property
     def num_unfinished(self) -> int:
@@ -96,13 +171,17 @@ class Scheduler:
                 continue  # `request` itself was preempted; running[i] is now the next one
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-            cached.append(
-                CachedRequestData(
-                    request.request_id,
-                    tuple(b.block_id for b in new_blocks),
-                    request.num_computed_tokens,
+            if request.request_id in self._unsent:
+                self._unsent.discard(request.request_id)
+                new.append(self._new_request_data(request))
+            else:
+                cached.append(
+                    CachedRequestData(
+                        request.request_id,
+                        tuple(b.block_id for b in new_blocks),
+                        request.num_computed_tokens,
+                    )
                 )
-            )
             i += 1
 
         # Admitting after a preemption would only thrash: the pool is already short.
@@ -144,6 +223,7 @@ class Scheduler:
                 logprobs = (result.logprobs[request_id],)
             if status is not None:
                 self.finish_requests([request_id], status)
+            first = request.num_output_tokens == 1
             outputs.append(
                 EngineCoreOutput(
                     request_id,
@@ -151,6 +231,8 @@ class Scheduler:
                     logprobs,
                     status.finish_reason if status is not None else None,
                     request.stop_reason,
+                    max(request.num_cached_tokens, 0),
+                    request.timings.first_scheduled_s if first else None,
                 )
             )
         return outputs
@@ -160,7 +242,7 @@ class Scheduler:
     def _admit(self, budget: int, num_scheduled: dict[str, int], new: list[NewRequestData]) -> int:
         i = 0
         while i < len(self.waiting) and budget > 0:
-            if len(self.running) >= self.config.max_num_seqs:
+            if len(self.running) + len(self.awaiting_kv) >= self.config.max_num_seqs:
                 break
             request = self.waiting[i]
             sibling = request.wait_for
@@ -172,6 +254,11 @@ class Scheduler:
                 i += 1  # share the sibling's prompt blocks once they exist (n > 1)
                 continue
             hit = self.kv.find_prefix(request)
+            if self._wants_remote_prefill(request, hit.num_tokens):
+                if not self._admit_remote(request, hit):
+                    break
+                self.waiting.pop(i)
+                continue
             num_new = self._num_tokens_to_compute(request, hit.num_tokens, budget)
             if self.kv.allocate(request, num_new, hit) is None:
                 break  # head-of-line: later requests wait their turn
@@ -185,19 +272,49 @@ class Scheduler:
             self._insert_running(request)
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-            new.append(
-                NewRequestData(
-                    request_id=request.request_id,
-                    token_ids=tuple(request.all_token_ids),
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    block_ids=tuple(self.kv.block_ids(request)),
-                    num_computed_tokens=hit.num_tokens,
-                    params=request.params,
-                    generator=request.generator,
-                    eos_token_ids=request.eos_token_ids,
-                )
-            )
+            new.append(self._new_request_data(request))
         return budget
+
+    def _wants_remote_prefill(self, request: Request, num_hit_tokens: int) -> bool:
+        """Conditional disaggregation: remote only when enough of the prompt misses the cache."""
+        threshold = request.remote_prefill_min_tokens
+        if threshold is None or request.num_output_tokens > 0:
+            return False  # never for a request resumed after preemption: it has outputs
+        return request.num_prompt_tokens - num_hit_tokens >= max(threshold, 1)
+
+    def _admit_remote(self, request: Request, hit: PrefixHit) -> bool:
+        """Allocate every prompt block; the prefill worker fills those past the hit."""
+        num_missing = request.num_prompt_tokens - hit.num_tokens
+        if self.kv.allocate(request, num_missing, hit) is None:
+            return False
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        request.num_computed_tokens = hit.num_tokens
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = hit.num_tokens
+        if request.timings.first_scheduled_s is None:
+            request.timings.first_scheduled_s = time.monotonic()
+        self.awaiting_kv[request.request_id] = request
+        self._remote_starts.append(
+            RemotePrefillStart(
+                request.request_id,
+                tuple(request.prompt_token_ids),
+                hit.num_tokens,
+                tuple(self.kv.block_ids(request)),
+            )
+        )
+        return True
+
+    def _new_request_data(self, request: Request) -> NewRequestData:
+        return NewRequestData(
+            request_id=request.request_id,
+            token_ids=tuple(request.all_token_ids),
+            num_prompt_tokens=request.num_prompt_tokens,
+            block_ids=tuple(self.kv.block_ids(request)),
+            num_computed_tokens=request.num_computed_tokens,
+            params=request.params,
+            generator=request.generator,
+            eos_token_ids=request.eos_token_ids,
+        )
 
     def _num_tokens_to_compute(self, request: Request, num_computed: int, budget: int) -> int:
         num_new = min(request.num_tokens - num_computed, budget)
@@ -256,7 +373,10 @@ class Scheduler:
         return None
 
     def _end(self, request: Request, status: RequestStatus) -> None:
-        self.kv.free(request)
+        if request.hold_blocks_on_finish and status is not RequestStatus.FINISHED_ABORTED:
+            self.held[request.request_id] = (request, tuple(self.kv.block_ids(request)))
+        else:
+            self.kv.free(request)
         request.status = status
         request.timings.finished_s = time.monotonic()
         self._finished_ids.add(request.request_id)

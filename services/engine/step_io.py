@@ -84,3 +84,24 @@ class EngineCoreOutput:
     """None while running; "stop", "length" or "abort"."""
     stop_reason: int | str | None
     """The stop token id or stop string that ended it (None for EOS or length)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (set on every output)."""
+    first_scheduled_s: float | None = None
+    """time.monotonic() of first admission (set on the first token's output only)."""
+
+
+@dataclass(frozen=True)
+class RemotePrefillStart:
+    """A decode-side request admitted for remote prefill: its blocks are allocated, to be filled.
+
+    The worker asks a prefill worker to compute the prompt and write blocks
+    block_ids[num_cached_tokens // block_size:] of this worker's cache, then reports back with
+    Scheduler.remote_kv_ready (or remote_kv_failed).
+    """
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    num_cached_tokens: int
+    """Prompt tokens already in this worker's prefix cache (a whole number of blocks)."""
+    block_ids: tuple[int, ...]
+    """Every block of the prompt, the cached ones first."""

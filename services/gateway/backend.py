@@ -55,5 +55,5 @@ class Backend(ABC):
     async def ready(self) -> bool:
         """Whether some worker can take requests now."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
         """Release connections (default: nothing to do)."""

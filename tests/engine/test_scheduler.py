@@ -319,3 +319,102 @@ def test_rejects_requests_larger_than_the_pool() -> None:
     with pytest.raises(ValueError, match="already"):
         s.add_request(req("a", 4))
         s.add_request(req("a", 4))
+
+
+# ---- disaggregation: decode owns the destination, prefill holds blocks until sent -----------
+
+
+def remote(rid: str, prompt_len: int, min_tokens: int = 8, **kw: object) -> Request:
+    r = req(rid, prompt_len, **kw)  # type: ignore[arg-type]
+    r.remote_prefill_min_tokens = min_tokens
+    return r
+
+
+def test_remote_prefill_allocates_the_prompt_and_waits_for_kv() -> None:
+    s = make()
+    r = FakeRunner(s)
+    s.add_request(remote("d", 22, max_tokens=3))
+    out = step(s, r)
+    assert out.num_scheduled_tokens == {}  # nothing computed locally
+    (start,) = s.take_remote_prefill_starts()
+    assert start.request_id == "d" and start.num_cached_tokens == 0
+    assert len(start.block_ids) == 6  # ceil(22 / 4): the partial last block too
+    assert s.requests["d"].status is RequestStatus.WAITING_FOR_REMOTE_KV
+    first = s.remote_kv_ready("d", 42)
+    assert first is not None and first.new_token_ids == (42,)
+    out = step(s, r)
+    # the runner sees it for the first time, with the prompt already computed
+    (new,) = out.new_requests
+    assert new.num_computed_tokens == 22 and new.token_ids[-1] == 42
+    assert out.num_scheduled_tokens == {"d": 1}
+    run_to_end(s, r)
+
+
+def test_conditional_disaggregation_prefills_short_or_cached_prompts_locally() -> None:
+    s = make()
+    r = FakeRunner(s)
+    s.add_request(remote("short", 5, min_tokens=8))
+    out = step(s, r)
+    assert out.num_scheduled_tokens == {"short": 5} and not s.take_remote_prefill_starts()
+    run_to_end(s, r)
+    s.add_request(req("warm", 21, max_tokens=1))
+    run_to_end(s, r)
+    s.add_request(remote("hit", 21, min_tokens=8))  # 20 of 21 tokens are cached
+    out = step(s, r)
+    assert out.num_scheduled_tokens == {"hit": 1} and not s.take_remote_prefill_starts()
+    run_to_end(s, r)
+
+
+def test_remote_prefill_skips_the_locally_cached_prefix() -> None:
+    s = make()
+    r = FakeRunner(s)
+    s.add_request(req("warm", 12, max_tokens=1))
+    run_to_end(s, r)
+    s.add_request(remote("d", 40, min_tokens=8))  # shares the first 12 tokens (3 blocks)
+    step(s, r)
+    (start,) = s.take_remote_prefill_starts()
+    assert start.num_cached_tokens == 12  # the warm prompt's 3 full blocks
+    assert s.remote_kv_ready("d", 9) is not None
+    run_to_end(s, r)
+
+
+def test_abort_while_awaiting_kv_keeps_blocks_until_the_transfer_ends() -> None:
+    s = make(num_blocks=8)
+    r = FakeRunner(s)
+    s.add_request(remote("d", 20))
+    step(s, r)
+    s.take_remote_prefill_starts()
+    s.finish_requests(["d"], RequestStatus.FINISHED_ABORTED)
+    assert s.kv.pool.num_free_blocks == 3  # 5 blocks still held: a transfer may be writing
+    assert s.remote_kv_ready("d", 1) is None
+    s.kv.check_integrity(expect_idle=True)
+    # the same through a failed prefill
+    s.add_request(remote("e", 20))
+    step(s, r)
+    s.finish_requests(["e"], RequestStatus.FINISHED_ABORTED)
+    s.remote_kv_failed("e")
+    s.kv.check_integrity(expect_idle=True)
+
+
+def test_failed_remote_prefill_falls_back_to_local() -> None:
+    s = make()
+    r = FakeRunner(s)
+    s.add_request(remote("d", 20, max_tokens=2))
+    step(s, r)
+    s.remote_kv_failed("d")
+    out = step(s, r)
+    assert out.num_scheduled_tokens == {"d": 20}
+    run_to_end(s, r)
+
+
+def test_prefill_side_holds_blocks_until_released() -> None:
+    s = make()
+    r = FakeRunner(s)
+    p = req("p", 18, max_tokens=1)
+    p.hold_blocks_on_finish = True
+    s.add_request(p)
+    step(s, r)
+    assert "p" in s.held and len(s.held_block_ids("p")) == 5
+    assert p.is_finished
+    s.release_held("p")
+    s.kv.check_integrity(expect_idle=True)

@@ -17,7 +17,9 @@ def test_stubs_are_current(tmp_path: Path) -> None:
     assert fresh, "no stubs generated"
     for path in fresh:
         committed = ROOT / "proto" / path.name
-        assert committed.exists(), f"{path.name} is not committed: run python -m baton.proto.generate"
+        assert committed.exists(), (
+            f"{path.name} is not committed: run python -m baton.proto.generate"
+        )
         assert committed.read_text() == path.read_text(), (
             f"proto/{path.name} is stale: run python -m baton.proto.generate"
         )

@@ -96,6 +96,12 @@ def cache_dir_for(gguf_path: Path) -> Path:
 def load_gguf(gguf_path: str | Path, *, dtype: torch.dtype, device: str) -> LoadedModel:
     """Load through the cache, converting the GGUF first if this version is not cached yet."""
     path = Path(gguf_path)
+    loaded = load_hf_dir(ensure_converted(path), dtype=dtype, device=device)
+    return replace(loaded, model_id=gguf_model_id(path))
+
+
+def ensure_converted(path: Path) -> Path:
+    """The cached HF folder of this GGUF file, converting it first if needed."""
     cached = cache_dir_for(path)
     if not cached.is_dir():
         tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
@@ -109,8 +115,7 @@ def load_gguf(gguf_path: str | Path, *, dtype: torch.dtype, device: str) -> Load
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    loaded = load_hf_dir(cached, dtype=dtype, device=device)
-    return replace(loaded, model_id=gguf_model_id(path))
+    return cached
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:

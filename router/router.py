@@ -1,0 +1,273 @@
+"""The Router: registry + polled load + its own recent assignments → a Placement per request.
+
+It runs inside the gateway. Two inputs change under it: the worker list (Redis, refreshed about
+every second or on demand) and each worker's load (polled by a caller-provided fetcher, the
+gateway's gRPC call, about every half second). Between two polls the reported load is stale, so
+the router adds the prompt tokens it has assigned since (pending tokens) — otherwise a burst of
+requests inside one poll interval would all land on the same "least loaded" worker.
+The choice itself is `policy.choose_placement`, a pure function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+from baton.router.policy import (
+    POLICIES,
+    NoWorkerAvailable,
+    Placement,
+    WorkerLoad,
+    choose_placement,
+)
+from baton.router.registry import WorkerInfo, list_workers
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+logger = logging.getLogger(__name__)
+
+LoadFetcher = Callable[[WorkerInfo], Awaitable[WorkerLoad]]
+"""Asks one worker for its load (the gateway's gRPC call); raising marks the worker unhealthy."""
+
+
+class Router:
+    """Places requests on healthy registered workers; see the module docstring.
+
+    Lifecycle: `async with Router(...)` (or start()/stop()) runs the background refresh + poll
+    loop. place()/release() bracket each request; mark_unhealthy() reports a worker that failed
+    a call. All methods run on one event loop (no locks beyond the refresh one).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        load_fetcher: LoadFetcher,
+        *,
+        model: str | None = None,
+        policy: str = "least_load",
+        refresh_interval_s: float = 1.0,
+        poll_interval_s: float = 0.5,
+        fetch_timeout_s: float = 1.0,
+        local_prefill_max_tokens: int = 0,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown placement policy {policy!r}; choose from {POLICIES}")
+        self.redis = redis
+        self.load_fetcher = load_fetcher
+        self.model = model
+        self.policy = policy
+        self.refresh_interval_s = refresh_interval_s
+        self.poll_interval_s = poll_interval_s
+        self.fetch_timeout_s = fetch_timeout_s
+        self.local_prefill_max_tokens = local_prefill_max_tokens
+
+        self._workers: list[WorkerInfo] = []
+        self._refreshed_at: float | None = None  # monotonic time of the last refresh attempt
+        self._refresh_gen = 0
+        self._refresh_lock = asyncio.Lock()
+        self._reported: dict[str, WorkerLoad] = {}
+        self._unhealthy: set[str] = set()
+        # request_id -> worker ids it was placed on (prefill and decode), until release().
+        self._assignments: dict[str, tuple[str, ...]] = {}
+        # worker_id -> {request_id: (num_tokens, placed_at)} for assignments that no load report
+        # from that worker can include yet (placed after the last successful fetch began).
+        self._unreflected: dict[str, dict[str, tuple[int, float]]] = {}
+        self._rr_counter = 0
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Refresh and poll once (so the first placement sees real loads), then loop."""
+        if self._task is not None:
+            raise RuntimeError("router already started")
+        await self.refresh_workers()
+        await self.poll_loads()
+        self._task = asyncio.create_task(self._run(), name="router-poll")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def __aenter__(self) -> Router:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                if self._is_stale():
+                    await self.refresh_workers()
+                await self.poll_loads()
+            except Exception:  # the loop must outlive any one bad round
+                logger.exception("router poll round failed")
+
+    # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        """The cached registry (healthy or not)."""
+        return list(self._workers)
+
+    def healthy_workers(self) -> list[WorkerInfo]:
+        return [w for w in self._workers if w.worker_id not in self._unhealthy]
+
+    def is_healthy(self, worker_id: str) -> bool:
+        return worker_id not in self._unhealthy
+
+    def pending_tokens(self, worker_id: str) -> int:
+        """Tokens assigned to the worker that its last load report cannot include yet."""
+        return sum(n for n, _ in self._unreflected.get(worker_id, {}).values())
+
+    def loads(self) -> dict[str, WorkerLoad]:
+        """Each worker's last reported load plus what was assigned to it since."""
+        effective: dict[str, WorkerLoad] = {}
+        for worker in self._workers:
+            wid = worker.worker_id
+            pending = self._unreflected.get(wid, {})
+            base = self._reported.get(wid) or WorkerLoad(wid, 0, 0, 0, 0.0)
+            effective[wid] = replace(
+                base,
+                num_outstanding_tokens=base.num_outstanding_tokens + self.pending_tokens(wid),
+                num_waiting=base.num_waiting + len(pending),
+            )
+        return effective
+
+    def mark_unhealthy(self, worker_id: str) -> None:
+        """Skip the worker until its load fetch answers again (a failed call reports it)."""
+        if worker_id not in self._unhealthy:
+            logger.warning("worker %s marked unhealthy", worker_id)
+        self._unhealthy.add(worker_id)
+
+    # ---- refresh and poll ------------------------------------------------------------------
+
+    def _is_stale(self) -> bool:
+        return (
+            self._refreshed_at is None
+            or time.monotonic() - self._refreshed_at >= self.refresh_interval_s
+        )
+
+    async def refresh_workers(self) -> list[WorkerInfo]:
+        """Re-read the registry now; keeps the cached list if Redis does not answer."""
+        gen = self._refresh_gen
+        async with self._refresh_lock:
+            # Callers that queued behind a refresh share its result instead of repeating it.
+            if self._refresh_gen == gen:
+                await self._refresh()
+        return list(self._workers)
+
+    async def _refresh(self) -> None:
+        try:
+            workers = await list_workers(self.redis, self.model)
+        except (RedisError, OSError) as e:
+            logger.warning(
+                "registry refresh failed, keeping %d cached workers: %s", len(self._workers), e
+            )
+        else:
+            self._workers = workers
+            live = {w.worker_id for w in workers}
+            for table in (self._reported, self._unreflected):
+                for wid in [wid for wid in table if wid not in live]:
+                    del table[wid]
+            self._unhealthy &= live
+        # A failed attempt counts too: a Redis outage must not turn every place() into a retry.
+        self._refreshed_at = time.monotonic()
+        self._refresh_gen += 1
+
+    async def poll_loads(self) -> None:
+        """Fetch every registered worker's load once, concurrently."""
+        await asyncio.gather(*(self._poll_one(w) for w in list(self._workers)))
+
+    async def _poll_one(self, worker: WorkerInfo) -> None:
+        wid = worker.worker_id
+        fetch_started = time.monotonic()
+        try:
+            load = await asyncio.wait_for(self.load_fetcher(worker), self.fetch_timeout_s)
+        except Exception as e:
+            if wid not in self._unhealthy:
+                logger.warning("load fetch from %s (%s) failed: %r", wid, worker.address, e)
+            self._unhealthy.add(wid)
+            return
+        if wid in self._unhealthy:
+            logger.info("worker %s answers again", wid)
+            self._unhealthy.discard(wid)
+        self._reported[wid] = load
+        # Assignments placed before this fetch began were dispatched by then (the gateway sends
+        # right after place()), so the report counts them: drop them from pending.
+        pending = self._unreflected.get(wid)
+        if pending:
+            for rid in [rid for rid, (_, t) in pending.items() if t < fetch_started]:
+                del pending[rid]
+
+    # ---- placement -------------------------------------------------------------------------
+
+    async def place(self, num_prompt_tokens: int, request_id: str) -> Placement:
+        """Choose workers for a request and count its tokens on them until release(request_id).
+
+        Raises NoWorkerAvailable when no healthy decode/mixed worker is registered (after one
+        on-demand refresh: a worker may have registered since the cache was filled).
+        """
+        if request_id in self._assignments:
+            raise ValueError(f"request {request_id!r} is already placed")
+        refreshed = False
+        if self._is_stale():
+            await self.refresh_workers()
+            refreshed = True
+        try:
+            placement = self._choose(num_prompt_tokens)
+        except NoWorkerAvailable:
+            if refreshed:
+                raise
+            await self.refresh_workers()
+            placement = self._choose(num_prompt_tokens)
+        self._rr_counter += 1
+
+        chosen = (
+            [placement.decode]
+            if placement.prefill is None
+            else [placement.prefill, placement.decode]
+        )
+        now = time.monotonic()
+        ids = tuple(dict.fromkeys(w.worker_id for w in chosen))
+        self._assignments[request_id] = ids
+        for wid in ids:
+            self._unreflected.setdefault(wid, {})[request_id] = (num_prompt_tokens, now)
+        return placement
+
+    def _choose(self, num_prompt_tokens: int) -> Placement:
+        return choose_placement(
+            self.healthy_workers(),
+            self.loads(),
+            num_prompt_tokens,
+            self.policy,
+            self._rr_counter,
+            local_prefill_max_tokens=self.local_prefill_max_tokens,
+        )
+
+    def release(self, request_id: str) -> None:
+        """The request finished or was aborted; releasing twice (or an unknown id) is a no-op."""
+        for wid in self._assignments.pop(request_id, ()):
+            pending = self._unreflected.get(wid)
+            if pending is not None:
+                pending.pop(request_id, None)

@@ -1,0 +1,121 @@
+"""The gateway's backend over the cluster: router placement, then gRPC to the decode worker.
+
+The decode worker owns the request (DESIGN §2): the gateway sends Generate to it, naming the
+prefill worker the router chose; the decode worker decides (conditional disaggregation) whether
+to use it. Load for the router comes from each worker's GetLoadStats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from redis.asyncio import Redis
+
+from baton.proto import worker_pb2 as pb
+from baton.proto import worker_pb2_grpc as pb_grpc
+from baton.router.policy import NoWorkerAvailable, WorkerLoad
+from baton.router.registry import WorkerInfo
+from baton.router.router import Router
+from baton.services.gateway.backend import (
+    Backend,
+    BackendError,
+    BackendOverloaded,
+    BackendUnavailable,
+    InvalidRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class GrpcBackend(Backend):
+    def __init__(self, redis_url: str, model: str | None = None, policy: str = "least_load"):
+        self._redis = Redis.from_url(redis_url)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.router = Router(self._redis, self._fetch_load, model=model, policy=policy)
+        self._owners: dict[str, str] = {}
+        """request id → address of the decode worker serving it (for abort)."""
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            self._started = True
+            await self.router.start()
+
+    def _stub(self, address: str) -> pb_grpc.WorkerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address)
+            self._channels[address] = channel
+        return pb_grpc.WorkerStub(channel)  # type: ignore[no-untyped-call]
+
+    async def _fetch_load(self, worker: WorkerInfo) -> WorkerLoad:
+        s = await self._stub(worker.address).GetLoadStats(pb.LoadStatsRequest(), timeout=1.0)
+        return WorkerLoad(
+            worker_id=worker.worker_id,
+            num_outstanding_tokens=s.num_outstanding_tokens,
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_cache_usage=s.kv_cache_usage,
+        )
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        await self.start()
+        request_id = request.request_id
+        try:
+            placement = await self.router.place(len(request.prompt_token_ids), request_id)
+        except NoWorkerAvailable as e:
+            raise BackendUnavailable(f"no worker can serve this model now: {e}") from e
+        request.routed_unix_s = time.time()
+        if placement.prefill is not None:
+            request.prefill.worker_id = placement.prefill.worker_id
+            request.prefill.address = placement.prefill.address
+        decode = placement.decode
+        self._owners[request_id] = decode.address
+        call = self._stub(decode.address).Generate(request)
+        done = False
+        try:
+            async for msg in call:
+                yield msg
+            done = True
+        except grpc.aio.AioRpcError as e:
+            raise self._map_error(e, decode) from e
+        finally:
+            if not done:
+                call.cancel()  # the worker's handler is cancelled: it aborts the request
+            self._owners.pop(request_id, None)
+            self.router.release(request_id)
+
+    def _map_error(self, e: grpc.aio.AioRpcError, worker: WorkerInfo) -> BackendError:
+        code = e.code()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidRequest(e.details() or "invalid request")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return BackendOverloaded(e.details() or "worker overloaded")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            self.router.mark_unhealthy(worker.worker_id)
+            return BackendUnavailable(f"worker {worker.worker_id} unavailable: {e.details()}")
+        return BackendError(f"worker {worker.worker_id} failed: {code.name}: {e.details()}")
+
+    async def abort(self, request_ids: list[str]) -> None:
+        by_worker: dict[str, list[str]] = {}
+        for rid in request_ids:
+            address = self._owners.get(rid) or self._owners.get(rid.rpartition("#")[0])
+            if address is not None:
+                by_worker.setdefault(address, []).append(rid)
+        for address, ids in by_worker.items():
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._stub(address).Abort(pb.AbortRequest(request_ids=ids), timeout=2.0)
+
+    async def ready(self) -> bool:
+        await self.start()
+        return any(w.role in ("decode", "mixed") for w in self.router.healthy_workers())
+
+    async def close(self) -> None:
+        await self.router.stop()
+        for channel in self._channels.values():
+            await channel.close()
+        await self._redis.aclose()

@@ -1,0 +1,159 @@
+"""`baton worker`: one engine behind a gRPC server, registered in Redis, with /metrics.
+
+Lifecycle: load the model → start the engine thread → serve gRPC → register (key with TTL,
+heartbeat) → on SIGTERM/SIGINT drain: deregister, refuse new requests, let running ones finish
+(up to drain_timeout_s), stop the server, stop the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import CollectorRegistry, start_http_server
+from redis.asyncio import Redis
+
+from baton.kvstore.transports.base import KVTransport
+from baton.kvstore.transports.registry import create_transport
+from baton.proto import worker_pb2_grpc as pb_grpc
+from baton.router.registry import WorkerInfo, WorkerRegistration
+from baton.services.engine.async_engine import AsyncEngine
+from baton.services.engine.config import EngineConfig
+from baton.services.engine.llm_engine import LLMEngine
+from baton.services.worker.metrics_feed import WorkerMetricsFeed
+from baton.services.worker.service import ServiceConfig, WorkerService
+
+logger = logging.getLogger("baton.worker")
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024**2),
+    ("grpc.max_send_message_length", 256 * 1024**2),
+]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker process."""
+
+    role: str = "mixed"
+    host: str = "127.0.0.1"
+    port: int = 0
+    """gRPC port; 0 picks a free one (announced through the registry)."""
+    worker_id: str = ""
+    """Empty: "<role>-<host>-<random>"."""
+    redis_url: str = ""
+    """Empty: do not register (a worker used directly, e.g. in tests)."""
+    transport: str = "tcp"
+    """KV transport for the prefill → decode handoff: "tcp" | "nixl" | "mooncake"."""
+    metrics_port: int | None = None
+    """Prometheus /metrics HTTP port; None: no metrics server, 0: a free port."""
+    remote_prefill_min_tokens: int = 32
+    drain_timeout_s: float = 30.0
+    registry_ttl_s: float = 6.0
+
+
+class Worker:
+    """A started worker; `serve_forever` runs until a signal, then drains and stops."""
+
+    def __init__(self, config: WorkerConfig, engine_config: EngineConfig) -> None:
+        self.config = config
+        self.engine_config = engine_config
+        self.worker_id = config.worker_id or (
+            f"{config.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        )
+        self.address = ""
+        self.metrics_port: int | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        llm = await asyncio.to_thread(LLMEngine.from_config, self.engine_config)
+        self.engine = AsyncEngine(llm.core, llm.sequences)
+        self.engine.start()
+        self.model_id = llm.model_id
+        self.transport: KVTransport | None = None
+        if self.config.role in ("prefill", "decode"):
+            self.transport = create_transport(
+                self.config.transport, llm.core.runner.kv_cache, self.worker_id
+            )
+        self.service = WorkerService(
+            self.engine,
+            ServiceConfig(
+                worker_id=self.worker_id,
+                role=self.config.role,
+                model_id=llm.model_id,
+                remote_prefill_min_tokens=self.config.remote_prefill_min_tokens,
+            ),
+            self.transport,
+        )
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        pb_grpc.add_WorkerServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
+        port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.address = f"{self.config.host}:{port}"
+        await self.server.start()
+        self.registry = CollectorRegistry()
+        self.feed = WorkerMetricsFeed(self.registry, llm.model_id, self.config.role)
+        self._feed_task = asyncio.create_task(self.feed.run(self.engine))
+        self.service.observer = self.feed
+        if self.config.metrics_port is not None:
+            server, _ = start_http_server(
+                self.config.metrics_port, addr=self.config.host, registry=self.registry
+            )
+            self.metrics_port = server.server_port
+        self.registration: WorkerRegistration | None = None
+        if self.config.redis_url:
+            self.redis = Redis.from_url(self.config.redis_url)
+            info = WorkerInfo(
+                worker_id=self.worker_id,
+                address=self.address,
+                role=self.config.role,  # type: ignore[arg-type]
+                model=llm.model_id,
+                num_kv_blocks=llm.core.kv.num_blocks,
+                block_size=llm.core.kv.block_size,
+                transport=self.config.transport,
+                started_unix_s=time.time(),
+            )
+            self.registration = WorkerRegistration(self.redis, info, self.config.registry_ttl_s)
+            await self.registration.start()
+        logger.info("worker %s (%s) serving on %s", self.worker_id, self.config.role, self.address)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._stop.wait()
+        await self.drain_and_stop()
+
+    async def drain_and_stop(self) -> None:
+        """Deregister, refuse new work, let running requests finish, then stop everything."""
+        self.service.draining = True
+        if self.registration is not None:
+            await self.registration.stop()
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self.engine.num_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(grace=1.0)
+        self._feed_task.cancel()
+        await self.service.close()
+        await self.engine.stop()
+        if self.transport is not None:
+            self.transport.close()
+        if self.registration is not None:
+            await self.redis.aclose()
+        logger.info("worker %s stopped", self.worker_id)
+
+
+async def run_worker(config: WorkerConfig, engine_config: EngineConfig) -> None:
+    worker = Worker(config, engine_config)
+    await worker.start()
+    # The launcher reads this line to learn the address (the registry has it too).
+    print(f"BATON_WORKER_READY {worker.worker_id} {worker.address}", flush=True)
+    await worker.serve_forever()

@@ -1,0 +1,281 @@
+"""Registry and Router against a real redis-server process (DESIGN §9: no fakes)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from baton.router.policy import NoWorkerAvailable, WorkerLoad
+from baton.router.registry import (
+    WorkerInfo,
+    WorkerRegistration,
+    list_workers,
+    worker_key,
+)
+from baton.router.router import Router
+from baton.services.redis_server import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def url(redis_server: RedisServer) -> str:
+    redis.Redis.from_url(redis_server.url).flushdb()
+    return redis_server.url
+
+
+def info(worker_id: str, role: str = "decode", model: str = "smollm2") -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=worker_id,
+        address=f"127.0.0.1:{6000 + sum(map(ord, worker_id)) % 1000}",
+        role=role,  # type: ignore[arg-type]
+        model=model,
+        num_kv_blocks=512,
+        block_size=16,
+        transport="tcp",
+        started_unix_s=time.time(),
+    )
+
+
+def run(body: Callable[[aioredis.Redis], Awaitable[None]], url: str) -> None:
+    """Run one async test body with a client bound to its own event loop."""
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(url)
+        try:
+            await body(client)
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+async def wait_until(cond: Callable[[], Awaitable[bool]], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await cond():
+            return True
+        await asyncio.sleep(0.05)
+    return await cond()
+
+
+class FixedLoads:
+    """The caller's load fetcher: answers from a table; a worker in `down` fails its call."""
+
+    def __init__(self, tokens: dict[str, int]) -> None:
+        self.tokens = tokens
+        self.down: set[str] = set()
+        self.calls = 0
+
+    async def __call__(self, worker: WorkerInfo) -> WorkerLoad:
+        self.calls += 1
+        if worker.worker_id in self.down:
+            raise ConnectionError(f"{worker.worker_id} is down")
+        return WorkerLoad(worker.worker_id, self.tokens.get(worker.worker_id, 0), 1, 0, 0.2)
+
+
+def test_redis_server_answers_and_stops() -> None:
+    server = RedisServer().start()
+    client = redis.Redis.from_url(server.url)
+    assert server.url == f"redis://127.0.0.1:{server.port}/0"
+    assert client.ping()
+    assert client.config_get("save") == {"save": ""}  # no persistence
+    assert server.log_path.exists()
+    server.stop()
+    assert not server.running
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(
+            f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}"
+        ).ping()
+
+
+def test_register_two_workers_and_list_them(url: str) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        d1, p1, other = info("d1"), info("p1", "prefill"), info("x1", model="llama")
+        async with WorkerRegistration(r, d1), WorkerRegistration(r, p1):
+            reg = WorkerRegistration(r, other)
+            await reg.start()
+            assert await list_workers(r) == [d1, p1, other]
+            assert await list_workers(r, model="smollm2") == [d1, p1]
+            ttl_ms = await r.pttl(worker_key("d1"))
+            assert 0 < ttl_ms <= 6000
+            await reg.stop()  # stop() deletes at once, no TTL wait
+            assert await list_workers(r) == [d1, p1]
+        assert await list_workers(r) == []
+
+    run(body, url)
+
+
+def test_heartbeat_keeps_key_alive_and_key_expires_after_it_stops(url: str) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        reg = WorkerRegistration(r, info("d1"), ttl_s=1.0)
+        await reg.start()
+        await asyncio.sleep(1.5)  # longer than the TTL: only the heartbeat keeps it
+        assert [w.worker_id for w in await list_workers(r)] == ["d1"]
+        await reg.stop_heartbeat()  # a crash: no delete
+        assert [w.worker_id for w in await list_workers(r)] == ["d1"]
+
+        async def gone() -> bool:
+            return await list_workers(r) == []
+
+        assert await wait_until(gone, timeout_s=2.0)
+
+    run(body, url)
+
+
+def test_malformed_entries_are_skipped(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    good = info("good")
+    bad_role = good.to_json().replace('"decode"', '"oracle"').replace('"good"', '"badrole"')
+    bad_type = good.to_json().replace('"block_size": 16', '"block_size": "16"')
+    bad_type = bad_type.replace('"good"', '"badtype"')
+    entries = {
+        worker_key("junk"): b"\xff{not json",
+        worker_key("list"): b"[1, 2]",
+        worker_key("missing"): b'{"worker_id": "missing"}',
+        worker_key("badrole"): bad_role.encode(),
+        worker_key("badtype"): bad_type.encode(),
+        worker_key("mismatch"): good.to_json().encode(),  # the id in the value is "good"
+    }
+
+    async def body(r: aioredis.Redis) -> None:
+        await r.mset(entries)
+        await r.set("baton:other", b"not a worker")
+        async with WorkerRegistration(r, good):
+            with caplog.at_level(logging.WARNING, logger="baton.router.registry"):
+                assert await list_workers(r) == [good]
+        skipped = {rec.args[0] for rec in caplog.records if isinstance(rec.args, tuple)}
+        assert skipped == set(entries)
+
+    run(body, url)
+
+
+def test_router_places_by_least_load_and_counts_pending_tokens(url: str) -> None:
+    loads = FixedLoads({"d1": 500, "d2": 100, "p1": 40, "p2": 20})
+
+    async def body(r: aioredis.Redis) -> None:
+        regs = [
+            WorkerRegistration(r, info(w, "prefill" if w[0] == "p" else "decode"))
+            for w in loads.tokens
+        ]
+        for reg in regs:
+            await reg.start()
+        async with Router(r, loads, model="smollm2", poll_interval_s=3600) as router:
+            first = await router.place(500, request_id="a")
+            assert first.decode.worker_id == "d2"
+            assert first.prefill is not None and first.prefill.worker_id == "p2"
+            assert router.pending_tokens("d2") == 500 and router.pending_tokens("p2") == 500
+            # Reported loads still say d2 (100) and p2 (20) are the least loaded, but with the
+            # 500 tokens just placed there they are not: the next request goes elsewhere.
+            second = await router.place(200, request_id="b")
+            assert second.decode.worker_id == "d1"
+            assert second.prefill is not None and second.prefill.worker_id == "p1"
+            router.release("a")
+            router.release("a")  # twice is a no-op
+            assert router.pending_tokens("d2") == 0
+            third = await router.place(10, request_id="c")
+            assert third.decode.worker_id == "d2"
+            with pytest.raises(ValueError, match="already placed"):
+                await router.place(10, request_id="c")
+            # A load report fetched after the placement includes it: pending drops.
+            await asyncio.sleep(0.01)
+            await router.poll_loads()
+            assert router.pending_tokens("d2") == 0 and router.pending_tokens("d1") == 0
+            router.release("b")
+            router.release("c")
+        for reg in regs:
+            await reg.stop()
+
+    run(body, url)
+
+
+def test_router_skips_unhealthy_worker_until_it_answers(url: str) -> None:
+    loads = FixedLoads({"d1": 0, "d2": 1000})
+
+    async def body(r: aioredis.Redis) -> None:
+        async with WorkerRegistration(r, info("d1")), WorkerRegistration(r, info("d2")):
+            router = Router(r, loads, poll_interval_s=0.05)
+            async with router:
+                assert (await router.place(10, "a")).decode.worker_id == "d1"
+                loads.down.add("d1")
+
+                async def d1_unhealthy() -> bool:
+                    return not router.is_healthy("d1")
+
+                assert await wait_until(d1_unhealthy, timeout_s=2.0)  # the background poll
+                assert (await router.place(10, "b")).decode.worker_id == "d2"
+                loads.down.clear()
+
+                async def d1_back() -> bool:
+                    return router.is_healthy("d1")
+
+                assert await wait_until(d1_back, timeout_s=2.0)
+                assert (await router.place(10, "c")).decode.worker_id == "d1"
+                router.mark_unhealthy("d1")  # a failed call reported by the gateway
+                assert (await router.place(10, "d")).decode.worker_id == "d2"
+                loads.down.add("d2")
+                await router.poll_loads()
+                assert router.is_healthy("d1") and not router.is_healthy("d2")
+                assert (await router.place(10, "e")).decode.worker_id == "d1"
+
+    run(body, url)
+
+
+def test_no_worker_available_then_on_demand_refresh(url: str) -> None:
+    loads = FixedLoads({})
+
+    async def body(r: aioredis.Redis) -> None:
+        async with Router(r, loads, refresh_interval_s=3600, poll_interval_s=3600) as router:
+            with pytest.raises(NoWorkerAvailable):
+                await router.place(10, "a")
+            async with WorkerRegistration(r, info("p1", "prefill")):
+                with pytest.raises(NoWorkerAvailable):
+                    await router.place(10, "b")
+                # The cache is fresh (interval 1 h) but empty of decode workers: place()
+                # re-reads the registry once before giving up.
+                async with WorkerRegistration(r, info("m1", "mixed")):
+                    placement = await router.place(10, "c")
+                    assert placement.decode.worker_id == "m1"
+                    assert placement.prefill is not None  # p1 prefills for the mixed worker
+                    loads.down.add("m1")
+                    await router.poll_loads()
+                    with pytest.raises(NoWorkerAvailable):
+                        await router.place(10, "d")
+
+    run(body, url)
+
+
+def test_registration_survives_a_redis_restart() -> None:
+    """Soft state (DESIGN §4): the next heartbeat writes the key into the new server."""
+    first = RedisServer().start()
+    port = first.port
+
+    async def body(r: aioredis.Redis) -> None:
+        nonlocal first
+        async with WorkerRegistration(r, info("d1"), ttl_s=0.6) as reg:
+            first.stop()
+            await asyncio.sleep(0.3)  # a heartbeat or two fail and are logged
+            first = RedisServer(port=port).start()
+
+            async def back() -> bool:
+                try:
+                    return [w.worker_id for w in await list_workers(r)] == ["d1"]
+                except redis.RedisError:
+                    return False
+
+            assert await wait_until(back, timeout_s=3.0)
+            assert reg.key == worker_key("d1")
+
+    try:
+        run(body, first.url)
+    finally:
+        first.stop()
