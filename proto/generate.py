@@ -29,8 +29,15 @@ def generate(out_dir: Path) -> list[Path]:
         include = str(Path(protoc.__file__).parent / "_proto")
         for proto in sorted(src.glob("*.proto")):
             rel = proto.relative_to(tmp)
-            args = ["protoc", f"-I{tmp}", f"-I{include}", f"--python_out={tmp}",
-                    f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", str(rel)]
+            args = [
+                "protoc",
+                f"-I{tmp}",
+                f"-I{include}",
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                str(rel),
+            ]
             if protoc.main(args) != 0:
                 raise RuntimeError(f"protoc failed on {rel}")
         for path in sorted(src.glob("*_pb2*.py*")):

@@ -50,6 +50,8 @@ class WorkerInfo:
     transport: str
     """KV connector the worker speaks: "nixl", "mooncake", "tcp"."""
     started_unix_s: float
+    metrics_address: str = ""
+    """host:port of the worker's Prometheus /metrics endpoint ("" when it has none)."""
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -84,6 +86,7 @@ class WorkerInfo:
                 block_size=_typed(raw, "block_size", int),
                 transport=_typed(raw, "transport", str),
                 started_unix_s=float(_typed(raw, "started_unix_s", (int, float))),
+                metrics_address=str(raw.get("metrics_address", "")),
             )
         except KeyError as e:
             raise ValueError(f"missing field {e}") from e

@@ -69,6 +69,8 @@ class TransportConfig:
     """Address to listen on / advertise (tcp, mooncake). 0.0.0.0 advertises the host's IP."""
     timeout_s: float = 30.0
     """Upper bound on one write, connect and acknowledgement included."""
+    mooncake_protocol: str = "tcp"
+    """Mooncake transfer-engine protocol: "tcp" anywhere, "rdma" where the hosts have RDMA NICs."""
 
 
 @dataclass(frozen=True)
@@ -157,9 +159,7 @@ class KVCacheSpec:
         if len(peer.shape) != len(self.shape):
             problems.append(f"rank {len(self.shape)} != {len(peer.shape)}")
         elif (peer.shape[:2], peer.shape[3:]) != (self.shape[:2], self.shape[3:]):
-            problems.append(
-                f"shape {self.shape} vs {peer.shape} differ outside the block dim (2)"
-            )
+            problems.append(f"shape {self.shape} vs {peer.shape} differ outside the block dim (2)")
         if problems:
             raise TransportError("incompatible KV caches: " + "; ".join(problems))
 

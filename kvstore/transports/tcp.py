@@ -270,6 +270,8 @@ class TcpTransport(KVTransport):
                 if self._closed.is_set():
                     sock.close()
                     return
+                for done in [s for s, t in self._server_conns.items() if not t.is_alive()]:
+                    del self._server_conns[done]
                 thread = threading.Thread(
                     target=self._serve_connection, args=(sock,), name="kv-tcp-recv", daemon=True
                 )
@@ -296,9 +298,7 @@ class TcpTransport(KVTransport):
             if not self._closed.is_set():
                 logger.warning("KV connection failed: %s", e)
         finally:
-            with self._lock:
-                self._server_conns.pop(sock, None)
-            sock.close()
+            sock.close()  # close() joins this thread; the accept loop forgets it once it ended
 
     def _receive(
         self, sock: socket.socket, buffer: _ByteBuffer, header: dict[str, Any], payload_len: int

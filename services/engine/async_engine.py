@@ -128,7 +128,11 @@ class AsyncEngine:
             seq_ids.extend(stream.sequence_ids if stream is not None else [i])
 
         def run() -> None:
-            self.core.abort(seq_ids)
+            ended = self.core.abort(seq_ids)
+            if ended and self._loop is not None:
+                # The streams of aborted sequences must end too, not wait for tokens forever.
+                outs = [EngineCoreOutput(r.request_id, (), (), "abort", None) for r in ended]
+                self._loop.call_soon_threadsafe(self._dispatch, outs)
 
         self._commands.put(run)
 
@@ -181,6 +185,7 @@ class AsyncEngine:
             except Exception:  # a failed command must not kill the engine thread
                 logger.exception("engine command failed")
             if not self.core.has_unfinished():
+                self._stats = self.core.stats()  # commands (aborts) changed it
                 wait_s = _IDLE_WAIT_S
                 continue
             try:

@@ -35,6 +35,13 @@ class WorkerMetricsFeed:
         m.request_queue_time.observe(ttft.queue_s)
         m.request_prefill_time.observe(ttft.prefill_s)
         m.prompt_tokens.inc(num_prompt_tokens)
+        # The worker's own view of TTFT (from its receipt of the request) and its split.
+        m.time_to_first_token.observe(
+            ttft.queue_s + ttft.prefill_s + ttft.transfer_s + ttft.first_decode_s
+        )
+        m.ttft_prefill.observe(ttft.prefill_s)
+        m.ttft_transfer.observe(ttft.transfer_s)
+        m.ttft_first_decode.observe(ttft.first_decode_s)
 
     def on_tokens(self, num_tokens: int) -> None:
         self.metrics.generation_tokens.inc(num_tokens)

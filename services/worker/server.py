@@ -20,7 +20,6 @@ from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio import Redis
 
 from baton.kvstore.transports.base import KVTransport
-from baton.kvstore.transports.registry import create_transport
 from baton.proto import worker_pb2_grpc as pb_grpc
 from baton.router.registry import WorkerInfo, WorkerRegistration
 from baton.services.engine.async_engine import AsyncEngine
@@ -78,6 +77,8 @@ class Worker:
         self.model_id = llm.model_id
         self.transport: KVTransport | None = None
         if self.config.role in ("prefill", "decode"):
+            from baton.kvstore.transports.registry import create_transport  # loads NIXL lazily
+
             self.transport = create_transport(
                 self.config.transport, llm.core.runner.kv_cache, self.worker_id
             )
@@ -117,6 +118,9 @@ class Worker:
                 block_size=llm.core.kv.block_size,
                 transport=self.config.transport,
                 started_unix_s=time.time(),
+                metrics_address=(
+                    f"{self.config.host}:{self.metrics_port}" if self.metrics_port else ""
+                ),
             )
             self.registration = WorkerRegistration(self.redis, info, self.config.registry_ttl_s)
             await self.registration.start()

@@ -1,0 +1,212 @@
+"""The gateway's OpenAI-compatible HTTP app (FastAPI), and `python -m` to serve one model locally.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (API key required when
+keys are configured), GET /health (200 when the backend can take requests, else 503), GET
+/metrics (Prometheus text). Every response carries X-Request-Id: the client's, or one made
+here; response bodies' ids derive from it, so a client's log line finds the gateway's.
+
+Bodies are parsed here rather than by FastAPI's body binding, so that invalid UTF-8 and
+malformed JSON are told apart and reported (400) in OpenAI's error shape like everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TypeVar
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from baton.services.engine.tokenizer import Tokenizer
+from baton.services.gateway import errors
+from baton.services.gateway.backend import Backend
+from baton.services.gateway.chat import create_chat_completion
+from baton.services.gateway.completions import create_completion
+from baton.services.gateway.errors import REQUEST_ID_SCOPE_KEY, bad_request, unauthorized
+from baton.services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from baton.services.gateway.serving import Serving, now_s
+from baton.services.metrics import CONTENT_TYPE, Metrics, render
+
+M = TypeVar("M", bound=BaseModel)
+
+ARRIVAL_SCOPE_KEY = "baton.arrival_s"
+"""time.monotonic() when the request reached the gateway (TTFT and e2e start here)."""
+
+MAX_REQUEST_ID_LEN = 256
+
+
+class RequestIdMiddleware:
+    """Gives every HTTP request an id and puts it on every response, errors included.
+
+    A pure ASGI middleware, not Starlette's BaseHTTPMiddleware: that one runs the app in a
+    separate task and gets in the way of streaming responses and of disconnect detection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope[ARRIVAL_SCOPE_KEY] = time.monotonic()
+        request_id = _client_request_id(scope) or uuid.uuid4().hex
+        scope[REQUEST_ID_SCOPE_KEY] = request_id
+        header = (b"x-request-id", request_id.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append(header)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    """The client's X-Request-Id if it is printable ASCII of sane length, else None."""
+    for key, value in scope.get("headers", []):
+        if key.lower() == b"x-request-id":
+            text = bytes(value).decode("latin-1").strip()
+            if 0 < len(text) <= MAX_REQUEST_ID_LEN and text.isascii() and text.isprintable():
+                return text
+            return None
+    return None
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"The request body is not valid UTF-8 (byte {e.start}).") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise bad_request(f"Invalid JSON body: {e.msg} (line {e.lineno}, column {e.colno}).") from e
+    if not isinstance(data, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return model.model_validate(data)  # ValidationError → 400 naming the field (errors.py)
+
+
+def build_app(
+    backend: Backend,
+    tokenizer: Tokenizer,
+    model_id: str,
+    max_model_len: int,
+    api_keys: Sequence[str] = (),
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """The gateway app for one model served by `backend`.
+
+    metrics: where request-level series go (and what /metrics renders); None makes a private
+    registry, so several apps (or tests) can live in one process.
+    """
+    if metrics is None:
+        metrics = Metrics(CollectorRegistry(), model_id, role="gateway")
+    serving = Serving(backend, tokenizer, model_id, max_model_len, metrics)
+    keys = [k.encode() for k in api_keys if k]
+
+    async def check_api_key(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise unauthorized("You didn't provide an API key (Authorization: Bearer <key>).")
+        given = token.strip().encode()
+        # Compare with every key, in constant time, so timing reveals neither key nor match.
+        if not any([hmac.compare_digest(given, k) for k in keys]):
+            raise unauthorized("Incorrect API key provided.")
+
+    app = FastAPI(title="baton gateway", docs_url=None, redoc_url=None)
+    errors.install(app)
+    app.add_middleware(RequestIdMiddleware)
+    app.state.serving = serving
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await parse_body(request, ChatCompletionRequest)
+        return await create_chat_completion(
+            serving, req, request, _request_id(request), _arrival_s(request)
+        )
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        req = await parse_body(request, CompletionRequest)
+        return await create_completion(
+            serving, req, request, _request_id(request), _arrival_s(request)
+        )
+
+    @v1.get("/models")
+    async def models() -> ModelList:
+        card = ModelCard(id=model_id, created=now_s(), root=model_id, max_model_len=max_model_len)
+        return ModelList(data=[card])
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            ok = await backend.ready()
+        except Exception:
+            ok = False
+        return Response(status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(render(metrics.registry), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _request_id(request: Request) -> str:
+    return str(request.scope.get(REQUEST_ID_SCOPE_KEY) or uuid.uuid4().hex)
+
+
+def _arrival_s(request: Request) -> float:
+    return float(request.scope.get(ARRIVAL_SCOPE_KEY) or time.monotonic())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve one model from an in-process engine: python -m baton.services.gateway.app."""
+    from baton.services.gateway.local_backend import LocalBackend
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted Bearer key (repeatable; also $BATON_API_KEY)",
+    )
+    args = parser.parse_args(argv)
+    keys = [*args.api_key, *filter(None, [os.environ.get("BATON_API_KEY")])]
+    backend = LocalBackend.create(args.model, args.dtype, max_model_len=args.max_model_len)
+    app = build_app(backend, backend.tokenizer, backend.model_id, backend.max_model_len, keys)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
