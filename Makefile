@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/baton chat
+	$(VENV)/bin/baton serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -159,6 +159,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
         transport=a.transport,
         metrics_port=a.metrics_port,
         remote_prefill_min_tokens=a.remote_prefill_min_tokens,
+        max_queued_requests=a.max_queued_requests,
     )
     asyncio.run(run_worker(worker, engine))
     return 0
@@ -240,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker.add_argument("--port", type=int, default=0)
     worker.add_argument("--worker-id", default="")
     worker.add_argument("--metrics-port", type=int, default=None)
+    worker.add_argument(
+        "--max-queued-requests", type=int, default=256, help="beyond this, new requests get 429"
+    )
     worker.set_defaults(func=cmd_worker)
     gateway = sub.add_parser("gateway", help="the OpenAI HTTP front (started by serve)")
     gateway.add_argument("--model", default="smollm2")

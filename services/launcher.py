@@ -164,7 +164,8 @@ class Cluster:
             while time.monotonic() < deadline:
                 self._check_children()
                 keys = list(client.scan_iter(match="baton:worker:*"))
-                infos = [WorkerInfo.from_json(v) for v in client.mget(keys) if v]  # type: ignore[union-attr]
+                values: list[bytes | None] = client.mget(keys) if keys else []  # type: ignore[assignment]
+                infos = [WorkerInfo.from_json(v) for v in values if v]
                 if len(infos) >= expected:
                     self.workers = infos
                     return

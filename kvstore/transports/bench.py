@@ -41,7 +41,7 @@ _LENGTH = struct.Struct("!Q")
 def block_digest(kv_cache: torch.Tensor, block_ids: list[int]) -> str:
     """Digest of blocks block_ids (all layers, K and V) in that order: equal data, equal digest."""
     blocks = kv_cache.index_select(2, torch.tensor(block_ids, dtype=torch.long)).contiguous()
-    return hashlib.blake2b(blocks.view(torch.uint8).numpy()).hexdigest()
+    return hashlib.blake2b(blocks.view(torch.uint8).numpy().data).hexdigest()
 
 
 def random_kv(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -51,22 +51,17 @@ def random_kv(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Te
 
 def _socket_sink(listener: socket.socket, capacity: int) -> None:
     """Plain-socket baseline receiver: length-prefixed payloads into one preallocated buffer."""
-    sock, _ = listener.accept()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = memoryview(np.empty(capacity, dtype=np.uint8))
-    with sock:
-        while True:
-            head = sock.recv(_LENGTH.size, socket.MSG_WAITALL)
-            if len(head) < _LENGTH.size:
-                return
-            (num_bytes,) = _LENGTH.unpack(head)
-            got = 0
-            while got < num_bytes:
-                n = sock.recv_into(buf[got:num_bytes])
-                if n == 0:
-                    return
-                got += n
-            sock.sendall(b"k")
+    buf = np.ones(capacity, dtype=np.uint8).data  # ones: pages touched before timing
+    while True:
+        sock, _ = listener.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with sock:
+            while len(head := sock.recv(_LENGTH.size, socket.MSG_WAITALL)) == _LENGTH.size:
+                (num_bytes,) = _LENGTH.unpack(head)
+                got = 0
+                while got < num_bytes and (n := sock.recv_into(buf[got:num_bytes])):
+                    got += n
+                sock.sendall(b"k")
 
 
 def receiver_main(conn: Connection) -> None:
@@ -78,33 +73,53 @@ def receiver_main(conn: Connection) -> None:
                                       it was when opened)
       ("socket", capacity) -> port of a plain-socket sink
       ("exit",) -> None, and the process ends
+    A command that raises is answered ("error", message) instead.
     """
     opened: list[tuple[KVTransport, torch.Tensor]] = []
     while True:
         command = conn.recv()
-        if command[0] == "open":
-            _, name, dtype, shape, seed, timeout_s = command
-            kv = random_kv(tuple(shape), getattr(torch, dtype), seed)
-            config = TransportConfig(timeout_s=timeout_s)
-            transport = create_transport(name, kv, f"decode-{len(opened)}", config)
-            opened.append((transport, kv.clone()))
-            conn.send((len(opened) - 1, transport.metadata()))
-        elif command[0] == "digest":
-            _, handle, dst_ids = command
-            transport, initial = opened[handle]
-            kv = transport.kv_cache
-            others = sorted(set(range(kv.shape[2])) - set(dst_ids))
-            untouched = torch.equal(kv[:, :, others], initial[:, :, others])
-            conn.send((block_digest(kv, dst_ids), untouched))
-        elif command[0] == "socket":
-            listener = socket.create_server(("127.0.0.1", 0))
-            threading.Thread(target=_socket_sink, args=(listener, command[1]), daemon=True).start()
-            conn.send(listener.getsockname()[1])
-        else:
-            for transport, _ in opened:
-                transport.close()
-            conn.send(None)
-            return
+        try:
+            if _serve_command(conn, command, opened):
+                return
+        except Exception as e:
+            conn.send(("error", f"{command[0]}: {e!r}"))
+
+
+def _serve_command(
+    conn: Connection, command: tuple[Any, ...], opened: list[tuple[KVTransport, torch.Tensor]]
+) -> bool:
+    """One receiver_main command; True once it was told to exit."""
+    if command[0] == "open":
+        _, name, dtype, shape, seed, timeout_s = command
+        kv = random_kv(tuple(shape), getattr(torch, dtype), seed)
+        config = TransportConfig(timeout_s=timeout_s)
+        transport = create_transport(name, kv, f"decode-{len(opened)}", config)
+        opened.append((transport, kv.clone()))
+        conn.send((len(opened) - 1, transport.metadata()))
+    elif command[0] == "digest":
+        _, handle, dst_ids = command
+        transport, initial = opened[handle]
+        kv = transport.kv_cache
+        others = sorted(set(range(kv.shape[2])) - set(dst_ids))
+        untouched = torch.equal(kv[:, :, others], initial[:, :, others])
+        conn.send((block_digest(kv, dst_ids), untouched))
+    elif command[0] == "socket":
+        listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=_socket_sink, args=(listener, command[1]), daemon=True).start()
+        conn.send(listener.getsockname()[1])
+    else:
+        for transport, _ in opened:
+            transport.close()
+        conn.send(None)
+        return True
+    return False
+
+
+def _reply(reply: Any) -> Any:
+    """receiver_main's answer, or its error raised here."""
+    if isinstance(reply, tuple) and reply[:1] == ("error",):
+        raise RuntimeError(f"peer process failed: {reply[1]}")
+    return reply
 
 
 def _time_socket(port: int, payload: memoryview, repeats: int) -> list[float]:
@@ -154,10 +169,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     peer.start()
     try:
         parent.send(("socket", max_blocks * block_bytes))
-        port = parent.recv()
-        payload = memoryview(
-            np.random.default_rng(1).integers(0, 255, max_blocks * block_bytes, dtype=np.uint8)
-        )
+        port = _reply(parent.recv())
+        rng_bytes = np.random.default_rng(1).integers(0, 255, max_blocks * block_bytes, np.uint8)
+        payload = rng_bytes.data
         for mb, n in sizes:
             record(
                 "socket",
@@ -172,7 +186,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(f"{name}: not installed on this host, skipped")
                 continue
             parent.send(("open", name, args.dtype, dst_shape, 2, 60.0))
-            handle, metadata = parent.recv()
+            handle, metadata = _reply(parent.recv())
             kv = random_kv(src_shape, dtype, 3)
             with create_transport(name, kv, "prefill", TransportConfig(timeout_s=60.0)) as sender:
                 for pattern in args.patterns:
@@ -187,7 +201,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             stats = sender.write_blocks(metadata, "bench", src, dst)
                             seconds.append(stats.seconds)
                         parent.send(("digest", handle, dst))
-                        digest, _ = parent.recv()
+                        digest, _ = _reply(parent.recv())
                         if digest != block_digest(kv, src):
                             raise RuntimeError(f"{name}: received blocks differ from sent blocks")
                         record(name, pattern, mb, n, seconds[1:])

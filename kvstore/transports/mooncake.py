@@ -17,6 +17,7 @@ inside the engine; its destination blocks are unspecified, as the transport cont
 
 from __future__ import annotations
 
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -36,6 +37,10 @@ from baton.kvstore.transports.base import (
     pack_metadata,
 )
 
+_MAX_BATCH = 1024
+"""Descriptors per engine call: the TCP transport's per-lane queue rejects (fails) a batch of
+~10k slices, e.g. 64 MiB of scattered 6 KiB chunks."""
+
 
 class MooncakeTransport(KVTransport):
     """KV blocks as Mooncake batch WRITEs from this worker's tensor into a peer's."""
@@ -48,12 +53,15 @@ class MooncakeTransport(KVTransport):
         super().__init__(kv_cache, worker_id, config)
         if not kv_cache.is_cpu:
             raise TransportError("the mooncake transport is wired for host memory only")
+        host = self.config.host
+        if host in ("", "0.0.0.0"):  # the session name is what peers dial: a routable address
+            host = socket.gethostbyname(socket.gethostname())
         self._engine = TransferEngine()
         protocol = self.config.mooncake_protocol
-        rc = self._engine.initialize(self.config.host, "P2PHANDSHAKE", protocol, "")
+        rc = self._engine.initialize(host, "P2PHANDSHAKE", protocol, "")
         if rc != 0:
             raise TransportError(f"Mooncake engine init ({protocol}) failed: {rc}")
-        self.session = f"{self.config.host}:{self._engine.get_rpc_port()}"
+        self.session = f"{host}:{self._engine.get_rpc_port()}"
         self._base_addr = kv_cache.data_ptr()
         rc = self._engine.register_memory(self._base_addr, kv_cache.numel() * kv_cache.itemsize)
         if rc != 0:
@@ -86,11 +94,11 @@ class MooncakeTransport(KVTransport):
             if self._closed:
                 raise TransportError("transport is closed")
             future = self._pool.submit(
-                self._engine.batch_transfer_sync_write,
+                self._write_batches,
                 session,
-                (self._base_addr + src_off).tolist(),
-                (remote_base + dst_off).tolist(),
-                lengths.tolist(),
+                self._base_addr + src_off,
+                remote_base + dst_off,
+                lengths,
             )
         where = f"write of {request_id} to {peer.worker_id} ({session})"
         try:
@@ -99,6 +107,19 @@ class MooncakeTransport(KVTransport):
             raise TransportError(f"{where} timed out after {self.config.timeout_s:.1f}s") from e
         if rc != 0:
             raise TransportError(f"{where} failed: Mooncake returned {rc}")
+
+    def _write_batches(
+        self, session: str, src_addr: Int64Array, dst_addr: Int64Array, lengths: Int64Array
+    ) -> int:
+        """One blocking batch write per _MAX_BATCH descriptors; the first failure's code."""
+        for start in range(0, len(lengths), _MAX_BATCH):
+            batch = slice(start, start + _MAX_BATCH)
+            rc = self._engine.batch_transfer_sync_write(
+                session, src_addr[batch].tolist(), dst_addr[batch].tolist(), lengths[batch].tolist()
+            )
+            if rc != 0:
+                return int(rc)
+        return 0
 
     def close(self) -> None:
         with self._lock:

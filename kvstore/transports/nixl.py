@@ -19,9 +19,11 @@ and go, while per-request building costs far less than the transfer.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -56,6 +58,20 @@ def _descriptors(addresses: Int64Array, lengths: Int64Array, device_id: int) -> 
     return out
 
 
+def _skip_ucx_ib_without_devices() -> None:
+    """Keep UCX from loading its InfiniBand module on a host with no RDMA device.
+
+    The module is useless there, and where libibverbs is installed anyway (CPU containers often
+    carry it) it pulls in nixl-cu12's bundled libnl-route, whose destructor segfaults at process
+    exit (rtnl_tc_unregister in _dl_fini): every process that made an agent would exit with 139.
+    UCX reads the variable when its plugin is first loaded, i.e. at the first agent; an explicit
+    UCX_MODULES from the deployment wins.
+    """
+    devices = Path("/sys/class/infiniband")
+    if not (devices.is_dir() and any(devices.iterdir())):
+        os.environ.setdefault("UCX_MODULES", "^ib")
+
+
 class NixlTransport(KVTransport):
     """KV blocks as NIXL WRITE transfers from this worker's tensor into a peer's."""
 
@@ -73,6 +89,7 @@ class NixlTransport(KVTransport):
         agent_config = nixl_agent_config(
             enable_prog_thread=True, enable_listen_thread=False, backends=[_BACKEND]
         )
+        _skip_ucx_ib_without_devices()
         try:
             self._agent = nixl_agent(self.agent_name, agent_config)
         except Exception as e:
@@ -142,14 +159,18 @@ class NixlTransport(KVTransport):
             time.sleep(sleep_s)
             sleep_s = min(sleep_s * 2, _MAX_POLL_SLEEP_S)
             with self._lock:
-                state = self._agent.check_xfer_state(handle)
+                try:
+                    state = self._agent.check_xfer_state(handle)
+                except Exception as e:
+                    logger.warning("NIXL %s: state check failed: %s", where, e)
+                    state = "ERR"
 
         with self._lock:
             if state != "DONE":
                 # The peer may be gone: drop its metadata so the next write reconnects afresh.
                 self._forget_peer(remote_name)
             try:
-                handle.release()  # cancels the transfer if it is still in flight
+                self._agent.release_xfer_handle(handle)  # cancels it if still in flight
             except Exception as e:
                 logger.warning("NIXL %s: releasing the transfer failed: %s", where, e)
         if state == "PROC":

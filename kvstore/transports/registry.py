@@ -31,7 +31,7 @@ def transport_class(name: str) -> type[KVTransport]:
         module_name, class_name = _TRANSPORTS[name]
     except KeyError:
         raise ValueError(f"unknown KV transport {name!r}; known: {transport_names()}") from None
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls: type[KVTransport] = getattr(importlib.import_module(module_name), class_name)
     assert issubclass(cls, KVTransport) and cls.name == name
     return cls
 

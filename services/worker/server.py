@@ -53,6 +53,7 @@ class WorkerConfig:
     metrics_port: int | None = None
     """Prometheus /metrics HTTP port; None: no metrics server, 0: a free port."""
     remote_prefill_min_tokens: int = 32
+    max_queued_requests: int = 256
     drain_timeout_s: float = 30.0
     registry_ttl_s: float = 6.0
 
@@ -89,6 +90,7 @@ class Worker:
                 role=self.config.role,
                 model_id=llm.model_id,
                 remote_prefill_min_tokens=self.config.remote_prefill_min_tokens,
+                max_queued_requests=self.config.max_queued_requests,
             ),
             self.transport,
         )

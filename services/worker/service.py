@@ -50,6 +50,8 @@ class ServiceConfig:
     remote_prefill_min_tokens: int = 32
     """Conditional disaggregation: fewer missing prompt tokens than this are prefilled here."""
     prefill_timeout_s: float = 120.0
+    max_queued_requests: int = 256
+    """Refuse new requests (RESOURCE_EXHAUSTED → HTTP 429) while this many wait to be admitted."""
 
 
 @dataclass
@@ -89,6 +91,11 @@ class WorkerService(pb_grpc.WorkerServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        if self.engine.stats().num_waiting >= self.config.max_queued_requests:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.config.max_queued_requests} requests are already queued on this worker",
+            )
         try:
             params = params_from_pb(request.params)
         except ValueError as e:
