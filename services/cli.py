@@ -8,10 +8,12 @@ import sys
 import time
 from collections.abc import Sequence
 
+from baton.loadgen.cli import add_bench_arguments, run_bench
 from baton.services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from baton.services.engine.dtypes import CHOICES
 from baton.services.engine.llm_engine import LLMEngine
 from baton.services.engine.sampling_params import SamplingParams
+from baton.services.engine.tokenizer import Tokenizer
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -197,6 +199,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    def tokenizer(name: str) -> Tokenizer | None:
+        from baton.services.engine.loader import load_model_info
+
+        return load_model_info(name).tokenizer
+
+    return run_bench(a, tokenizer_loader=tokenizer)
+
+
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--redis-url", default="", help="empty: start a Redis server (serve only)")
@@ -253,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway.add_argument("--api-key", action="append", default=[])
     gateway.add_argument("--policy", default="least_load", choices=["least_load", "round_robin"])
     gateway.set_defaults(func=cmd_gateway)
+    bench = sub.add_parser("bench", help="benchmark a server: `bench serve`, `bench compare`")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
