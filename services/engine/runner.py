@@ -149,6 +149,7 @@ class ModelRunner:
             seq_lens=seq_lens,
             query_start_loc=query_start_loc,
             block_size=bs,
+            num_kv_heads=self.arch.num_kv_heads,
         )
         return _BatchInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=self.device),
@@ -167,6 +168,7 @@ class ModelRunner:
             [s.token_ids[s.num_prompt_tokens :] for s in states],
             [s.generator for s in states],
             logits.shape[-1],
+            device=logits.device,
         )
         out = self.sampler(logits, meta)
         token_ids = out.token_ids.tolist()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,12 +39,27 @@ class AttentionMetadata:
     """num_seqs + 1 offsets of each sequence's new tokens in the packed batch."""
     block_size: int
     """Tokens per KV block."""
+    num_kv_heads: int = 0
+    """KV heads per layer (the CUDA kernels' planner needs it; the CPU path does not)."""
 
     @cached_property
     def plan(self) -> AttentionPlan:
         """The kernel's index work for this step: built by the first layer, reused by the rest."""
         return plan_attention(
             self.block_tables, self.seq_lens, self.query_start_loc, self.block_size
+        )
+
+    @cached_property
+    def triton_plan(self) -> Any:
+        """The Triton kernels' device-side index tensors (CUDA), built once per step."""
+        from baton.kernels.triton_attention import plan_attention as plan_triton
+
+        return plan_triton(
+            self.block_tables,
+            self.seq_lens,
+            self.query_start_loc,
+            self.block_size,
+            self.num_kv_heads,
         )
 
     @property
@@ -79,5 +95,12 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta.plan, self.scale)
+        if q.is_cuda:
+            # One engine, two devices: the CUDA path dispatches to the Triton kernels (imported
+            # lazily: Triton is not a dependency of the CPU install).
+            from baton.kernels.triton_attention import triton_paged_attention
+
+            out = triton_paged_attention(q, k_cache, v_cache, meta.triton_plan, self.scale)
+        else:
+            out = paged_attention(q, k_cache, v_cache, meta.plan, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
