@@ -33,18 +33,26 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _engine(a: argparse.Namespace) -> LLMEngine:
-    return LLMEngine.from_config(
-        EngineConfig(
-            model=a.model,
-            dtype=a.dtype,
-            max_model_len=a.max_model_len,
-            cache=CacheConfig(block_size=a.block_size),
-            scheduler=SchedulerConfig(
-                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens
-            ),
+def _engine_config(a: argparse.Namespace) -> EngineConfig:
+    """The engine flags of _engine_args (plus --kv-cache-memory-mb where a command has it)."""
+    cache = CacheConfig(block_size=a.block_size)
+    if getattr(a, "kv_cache_memory_mb", None) is not None:
+        cache = CacheConfig(
+            block_size=a.block_size, kv_cache_memory_bytes=a.kv_cache_memory_mb * 1024**2
         )
+    return EngineConfig(
+        model=a.model,
+        dtype=a.dtype,
+        max_model_len=a.max_model_len,
+        cache=cache,
+        scheduler=SchedulerConfig(
+            max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens
+        ),
     )
+
+
+def _engine(a: argparse.Namespace) -> LLMEngine:
+    return LLMEngine.from_config(_engine_config(a))
 
 
 def _params(a: argparse.Namespace) -> SamplingParams:
@@ -141,17 +149,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
     from baton.services.worker.server import WorkerConfig, run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    engine = EngineConfig(
-        model=a.model,
-        dtype=a.dtype,
-        max_model_len=a.max_model_len,
-        cache=CacheConfig(
-            block_size=a.block_size, kv_cache_memory_bytes=a.kv_cache_memory_mb * 1024**2
-        ),
-        scheduler=SchedulerConfig(
-            max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens
-        ),
-    )
+    engine = _engine_config(a)
     worker = WorkerConfig(
         role=a.role,
         host=a.host,
@@ -195,8 +193,24 @@ def cmd_serve(a: argparse.Namespace) -> int:
             remote_prefill_min_tokens=a.remote_prefill_min_tokens,
             api_keys=tuple(a.api_key),
             log_dir=a.log_dir,
+            worker_args=_engine_flags(a),
         )
     )
+
+
+def _engine_flags(a: argparse.Namespace) -> tuple[str, ...]:
+    """serve's engine flags, handed on to each `baton worker` it starts."""
+    flags = [
+        "--block-size",
+        str(a.block_size),
+        "--max-num-seqs",
+        str(a.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(a.max_num_batched_tokens),
+    ]
+    if a.max_model_len is not None:
+        flags += ["--max-model-len", str(a.max_model_len)]
+    return tuple(flags)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
