@@ -7,8 +7,9 @@ shuffled block tables. Bandwidth counts the bytes the kernel must read at least:
 token's K and V once (q, the output and the tables are negligible). Times are medians of
 triton.testing.do_bench (and of CUDA-graph replays for Triton). SDPA runs on K/V already gathered
 into dense [batch, kv_heads, context, head_dim] tensors, gather not timed: the best a dense
-kernel could do. Prints a table; writes JSON to $OUT (or bench_out/) as bench_attention.json.
-Not a test: on a machine without CUDA it says so and exits 0.
+kernel could do. FlashInfer runs through our backend, kernels/flashinfer_attention.py
+(tensor-core decode, planned outside the timed region). Prints a table; writes JSON to $OUT (or
+bench_out/) as bench_attention.json. Not a test: on a machine without CUDA it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -121,34 +122,34 @@ def _flashinfer_decode(
     context: int,
     scale: float,
 ) -> Callable[[], torch.Tensor] | None:
-    """FlashInfer's paged decode on the same cache (NHD layout), or None if unavailable."""
-    try:
-        import flashinfer
-    except ImportError:
+    """Our FlashInfer backend (flashinfer_attention: tensor-core decode for GQA) on the same
+    cache, planned once outside the timed region; None if flashinfer is unavailable."""
+    from baton.kernels.flashinfer_attention import (
+        flashinfer_available,
+        flashinfer_paged_attention,
+        plan_flashinfer,
+    )
+
+    if not flashinfer_available():
         return None
     try:
-        batch, blocks_per_seq = tables.shape
-        dev = q.device
-        indptr = torch.arange(batch + 1, device=dev, dtype=torch.int32) * blocks_per_seq
-        indices = tables.flatten().to(torch.int32)
-        last = context - (blocks_per_seq - 1) * BLOCK_SIZE
-        last_page_len = torch.full((batch,), last, device=dev, dtype=torch.int32)
-        workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=dev)
-        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
-        wrapper.plan(
-            indptr,
-            indices,
-            last_page_len,
+        batch = tables.shape[0]
+        # FlashInfer wants its float workspace zeroed before first use.
+        workspace = torch.zeros(128 * 1024 * 1024, dtype=torch.uint8, device=q.device)
+        plan = plan_flashinfer(
+            tables,
+            [context] * batch,
+            list(range(batch + 1)),
+            BLOCK_SIZE,
             HEADS,
             KV_HEADS,
             HEAD_DIM,
-            BLOCK_SIZE,
-            q_data_type=q.dtype,
-            kv_data_type=k_cache.dtype,
-            sm_scale=scale,
+            q.dtype,
+            workspace,
         )
-        return lambda: wrapper.run(q, (k_cache, v_cache))
-    except Exception as e:  # API drift between FlashInfer versions: report, don't fail
+        out = torch.empty_like(q)
+        return lambda: flashinfer_paged_attention(q, k_cache, v_cache, plan, scale, out=out)
+    except Exception as e:  # API drift between FlashInfer versions, JIT failure: report, go on
         print(f"flashinfer unavailable: {e!r}", file=sys.stderr)
         return None
 

@@ -28,6 +28,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "plan_attention",
+    "plan_decode",
     "triton_paged_attention",
 ]
 
@@ -135,6 +136,35 @@ def plan_attention(
         query_start_loc=qsl_t,
         tile_seq=tile_seq_t,
         tile_q_start=tile_q_start_t,
+    )
+
+
+def plan_decode(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, num_splits: int
+) -> TritonAttentionMetadata:
+    """A pure-decode plan over caller-owned device buffers, with no host data at all.
+
+    Row b of the batch is sequence b: block_tables [B, max_blocks] and seq_lens [B] (int32 or
+    int64). Nothing is copied, so a CUDA graph captured with this plan replays on whatever the
+    buffers hold at replay time; a padding row has seq_len 0 and gets a zero output.
+    """
+    num_seqs = seq_lens.shape[0]
+    assert block_tables.shape[0] == num_seqs, (block_tables.shape, num_seqs)
+    empty = torch.empty(0, dtype=torch.int32, device=seq_lens.device)
+    return TritonAttentionMetadata(
+        num_tokens=num_seqs,
+        block_size=block_size,
+        num_decodes=num_seqs,
+        num_splits=num_splits,
+        decode_rows=None,
+        decode_block_tables=block_tables,
+        decode_seq_lens=seq_lens,
+        prefill_block_m=64,
+        block_tables=block_tables,
+        seq_lens=seq_lens,
+        query_start_loc=empty,
+        tile_seq=empty,
+        tile_q_start=empty,
     )
 
 

@@ -23,6 +23,22 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (CUDA if present)")
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="CUDA: no CUDA graphs (every step eager)"
+    )
+    p.add_argument(
+        "--attention-backend",
+        default="triton",
+        choices=["triton", "flashinfer"],
+        help="CUDA attention kernels (flashinfer runs eagerly)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="CUDA: fraction of the device for weights + KV + graphs (KV pool auto-sizing)",
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -35,14 +51,18 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 def _engine_config(a: argparse.Namespace) -> EngineConfig:
     """The engine flags of _engine_args (plus --kv-cache-memory-mb where a command has it)."""
-    cache = CacheConfig(block_size=a.block_size)
-    if getattr(a, "kv_cache_memory_mb", None) is not None:
-        cache = CacheConfig(
-            block_size=a.block_size, kv_cache_memory_bytes=a.kv_cache_memory_mb * 1024**2
-        )
+    kv_mb = getattr(a, "kv_cache_memory_mb", None)
+    cache = CacheConfig(
+        block_size=a.block_size,
+        kv_cache_memory_bytes=None if kv_mb is None else kv_mb * 1024**2,
+        gpu_memory_utilization=a.gpu_memory_utilization,
+    )
     return EngineConfig(
         model=a.model,
         dtype=a.dtype,
+        device=a.device,
+        enforce_eager=a.enforce_eager,
+        attention_backend=a.attention_backend,
         max_model_len=a.max_model_len,
         cache=cache,
         scheduler=SchedulerConfig(
@@ -207,7 +227,15 @@ def _engine_flags(a: argparse.Namespace) -> tuple[str, ...]:
         str(a.max_num_seqs),
         "--max-num-batched-tokens",
         str(a.max_num_batched_tokens),
+        "--device",
+        a.device,
+        "--gpu-memory-utilization",
+        str(a.gpu_memory_utilization),
+        "--attention-backend",
+        a.attention_backend,
     ]
+    if a.enforce_eager:
+        flags.append("--enforce-eager")
     if a.max_model_len is not None:
         flags += ["--max-model-len", str(a.max_model_len)]
     return tuple(flags)
@@ -226,7 +254,12 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--redis-url", default="", help="empty: start a Redis server (serve only)")
     p.add_argument("--transport", default="tcp", choices=["tcp", "nixl", "mooncake"])
-    p.add_argument("--kv-cache-memory-mb", type=int, default=512)
+    p.add_argument(
+        "--kv-cache-memory-mb",
+        type=int,
+        default=None,
+        help="KV pool size (default: 512 on CPU; on CUDA what --gpu-memory-utilization leaves)",
+    )
     p.add_argument(
         "--remote-prefill-min-tokens",
         type=int,

@@ -40,7 +40,8 @@ class ServeConfig:
     transport: str = "tcp"
     redis_url: str = ""
     """Empty: start a Redis server for this run."""
-    kv_cache_memory_mb: int = 512
+    kv_cache_memory_mb: int | None = None
+    """Per worker; None = the engine's default (512 MiB on CPU, auto-sized on CUDA)."""
     remote_prefill_min_tokens: int = 32
     api_keys: tuple[str, ...] = ()
     log_dir: str = ""
@@ -91,6 +92,9 @@ class Cluster:
 
     def _worker_cmd(self, role: str, index: int) -> list[str]:
         cfg = self.config
+        kv_flags = []
+        if cfg.kv_cache_memory_mb is not None:
+            kv_flags = ["--kv-cache-memory-mb", str(cfg.kv_cache_memory_mb)]
         return [
             sys.executable,
             "-m",
@@ -112,10 +116,9 @@ class Cluster:
             cfg.host,
             "--metrics-port",
             "0",
-            "--kv-cache-memory-mb",
-            str(cfg.kv_cache_memory_mb),
             "--remote-prefill-min-tokens",
             str(cfg.remote_prefill_min_tokens),
+            *kv_flags,
             *cfg.worker_args,
         ]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -13,8 +15,11 @@ class CacheConfig:
     """Tokens per KV block (the unit of allocation, prefix caching and transfer)."""
     num_blocks: int | None = None
     """Blocks in the pool; None sizes the pool from kv_cache_memory_bytes."""
-    kv_cache_memory_bytes: int = 512 * 1024**2
-    """Memory for the KV pool when num_blocks is None."""
+    kv_cache_memory_bytes: int | None = None
+    """Memory for the KV pool when num_blocks is None; None = 512 MiB on CPU, and on CUDA what
+    gpu_memory_utilization leaves after the weights and a reserve for activations."""
+    gpu_memory_utilization: float = 0.9
+    """CUDA: fraction of the device's memory this engine may use in all (weights, KV, graphs)."""
     enable_prefix_caching: bool = True
     """Reuse computed blocks across requests by their chained block hash."""
     cache_salt: str = ""
@@ -53,9 +58,33 @@ class EngineConfig:
     """Weights, activations and KV: "auto" (bf16 where native, else float32), "float32",
     "bfloat16" or "float16"."""
     device: str = "cpu"
+    """"cpu", "cuda", "cuda:N", or "auto" (CUDA when present)."""
     seed: int = 0
     """Seed for random weights (dummy models) and unseeded sampling."""
     max_model_len: int | None = None
     """Longest prompt + output; None = the model's context length."""
+    attention_backend: str = "triton"
+    """CUDA attention kernels: "triton" (ours; decode runs from CUDA graphs) or "flashinfer"
+    (flashinfer-python when installed; runs eagerly)."""
+    enforce_eager: bool = False
+    """CUDA: run every step eagerly, capturing no CUDA graphs."""
+    cuda_graph_max_batch: int | None = None
+    """Largest decode batch replayed from a CUDA graph; None = scheduler.max_num_seqs."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ("triton", "flashinfer"):
+            backend = self.attention_backend
+            raise ValueError(f"attention_backend must be 'triton' or 'flashinfer', got {backend!r}")
+        if self.device == "auto":
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def graph_max_batch(self) -> int:
+        """Decode CUDA graphs to capture up to this batch (0: none, e.g. on CPU or eager)."""
+        eager = self.enforce_eager or self.attention_backend == "flashinfer"
+        if eager or not self.device.startswith("cuda"):
+            return 0
+        limit = self.cuda_graph_max_batch
+        return self.scheduler.max_num_seqs if limit is None else limit

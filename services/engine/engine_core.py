@@ -18,6 +18,32 @@ from baton.services.engine.step_io import EngineCoreOutput
 logger = logging.getLogger(__name__)
 
 
+CPU_DEFAULT_POOL_BYTES = 512 * 1024**2
+
+
+def _auto_pool_bytes(
+    model: CausalLM,
+    cache: CacheConfig,
+    scheduler: SchedulerConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> int:
+    """KV pool size when none is given: 512 MiB on CPU; on CUDA, gpu_memory_utilization of
+    the device minus what is in use (weights, other processes) minus an activation reserve."""
+    if device.type != "cuda":
+        return CPU_DEFAULT_POOL_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    arch = model.config
+    elem = torch.empty((), dtype=dtype).element_size()
+    # Peak activations of the largest step (hidden states, qkv, gate_up) plus fp32 logits and
+    # the sampler's temporaries for a full decode batch, plus headroom for the allocator.
+    tokens = scheduler.max_num_batched_tokens
+    width = 6 * arch.hidden_size + 3 * arch.intermediate_size
+    reserve = tokens * width * elem + scheduler.max_num_seqs * arch.vocab_size * 4 * 6
+    reserve += 1024**3
+    return max(0, int(cache.gpu_memory_utilization * total) - (total - free) - reserve)
+
+
 class EngineCore:
     def __init__(
         self,
@@ -27,12 +53,19 @@ class EngineCore:
         max_model_len: int,
         dtype: torch.dtype,
         device: torch.device,
+        *,
+        graph_max_batch: int = 0,
+        attention_backend: str = "triton",
     ) -> None:
+        """graph_max_batch > 0 (CUDA): capture decode CUDA graphs up to that batch size."""
         num_blocks = cache.num_blocks
         if num_blocks is None:
-            num_blocks = cache.kv_cache_memory_bytes // kv_bytes_per_block(
-                model.config, cache.block_size, dtype
-            )
+            pool_bytes = cache.kv_cache_memory_bytes
+            if pool_bytes is None:
+                pool_bytes = _auto_pool_bytes(model, cache, scheduler, dtype, device)
+            num_blocks = pool_bytes // kv_bytes_per_block(model.config, cache.block_size, dtype)
+            if num_blocks < 1:
+                raise ValueError(f"no room for a KV pool ({pool_bytes} bytes available)")
         capacity = num_blocks * cache.block_size
         if max_model_len > capacity:
             logger.warning(
@@ -44,7 +77,16 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler, self.kv, max_model_len)
-        self.runner = ModelRunner(model, num_blocks, cache.block_size, dtype, device)
+        self.runner = ModelRunner(
+            model,
+            num_blocks,
+            cache.block_size,
+            dtype,
+            device,
+            cuda_graph_max_batch=min(graph_max_batch, scheduler.max_num_seqs),
+            max_model_len=max_model_len,
+            attention_backend=attention_backend,
+        )
         self.last_num_scheduled_tokens = 0
         """Tokens computed by the last step: 0 means the engine had nothing it could run."""
 

@@ -89,6 +89,8 @@ class LLMEngine:
             max_len,
             resolve_dtype(config.dtype, config.device),
             torch.device(config.device),
+            graph_max_batch=config.graph_max_batch,
+            attention_backend=config.attention_backend,
         )
         self.max_model_len = self.core.max_model_len
         self.eos_token_ids = tuple(loaded.arch.eos_token_ids) or (
@@ -101,6 +103,7 @@ class LLMEngine:
             vocab_size=loaded.arch.vocab_size,
             eos_token_ids=self.eos_token_ids,
             default_cache_salt=config.cache.cache_salt,
+            generator_device=config.device,
         )
         self._tracked: dict[str, _Tracked] = {}
         self._seq_owner: dict[str, tuple[_Tracked, _Sequence]] = {}

@@ -63,6 +63,7 @@ class Request:
         eos_token_ids: tuple[int, ...] = (),
         seed: int | None = None,
         wait_for: Request | None = None,
+        generator_device: str = "cpu",
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
@@ -89,7 +90,7 @@ class Request:
         self.timings = RequestTimings()
         self.generator: torch.Generator | None = None
         if seed is not None:
-            self.generator = torch.Generator().manual_seed(seed)
+            self.generator = torch.Generator(generator_device).manual_seed(seed)
         max_tokens = params.max_tokens
         room = max_model_len - len(prompt_token_ids)
         self.max_tokens = room if max_tokens is None else min(max_tokens, room)

@@ -6,10 +6,12 @@ scheduler's diffs and by the tokens it samples itself, so a decode step ships no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from baton.services.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from baton.services.engine.layers.attention import AttentionMetadata
 from baton.services.engine.models.base import CausalLM, ModelArchConfig
 from baton.services.engine.sampler import Sampler, SamplingMetadata
@@ -47,14 +49,41 @@ class _RunnerRequest:
         )
 
 
+@dataclass
+class _HostBatch:
+    """One step's packed inputs as host lists (sequence s owns rows qsl[s]:qsl[s + 1])."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    query_start_loc: list[int] = field(default_factory=lambda: [0])
+    tables: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    """Token row (in the packed batch) whose logits each sampling request needs."""
+    sample_req_ids: list[str] = field(default_factory=list)
+
+    def as_decode(self) -> DecodeBatch | None:
+        """This step as a pure decode batch (one token per sequence, all sample), or None."""
+        if len(self.input_ids) != len(self.seq_lens) or len(self.sample_rows) != len(self.seq_lens):
+            return None
+        return DecodeBatch(self.input_ids, self.positions, self.slots, self.seq_lens, self.tables)
+
+
 @dataclass(frozen=True)
 class _BatchInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    sample_rows: list[int]
-    """Token row (in the packed batch) whose logits each sampling request needs."""
-    sample_req_ids: list[str]
+
+
+def _reads_history(params: SamplingParams) -> bool:
+    return bool(
+        params.repetition_penalty != 1.0
+        or params.frequency_penalty
+        or params.presence_penalty
+        or params.min_tokens
+    )
 
 
 def kv_cache_shape(arch: ModelArchConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -74,7 +103,14 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        *,
+        cuda_graph_max_batch: int = 0,
+        max_model_len: int = 0,
+        attention_backend: str = "triton",
     ) -> None:
+        """cuda_graph_max_batch > 0 on a CUDA device captures decode graphs up to that batch
+        (max_model_len then sizes their block tables and split-KV count). attention_backend
+        picks the CUDA attention kernels ("triton" or "flashinfer")."""
         self.model = model
         if device.type == "cpu":
             model.pack_for_cpu()
@@ -86,19 +122,44 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self._requests: dict[str, _RunnerRequest] = {}
+        self.attention_backend = attention_backend if device.type == "cuda" else "triton"
+        self._flashinfer_workspace: torch.Tensor | None = None
+        if self.attention_backend == "flashinfer":
+            from baton.kernels.flashinfer_attention import flashinfer_available
+
+            if not flashinfer_available():
+                raise RuntimeError("attention_backend 'flashinfer' needs flashinfer-python")
+            # FlashInfer's float workspace, zeroed before first use, reused by every step.
+            self._flashinfer_workspace = torch.zeros(
+                128 * 1024**2, dtype=torch.uint8, device=device
+            )
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and cuda_graph_max_batch > 0:
+            self.graphs = DecodeGraphs(
+                model,
+                self.kv_cache,
+                block_size=block_size,
+                max_batch=cuda_graph_max_batch,
+                max_model_len=max_model_len,
+            )
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduled)
         if scheduled.is_empty:
             return ModelRunnerOutput({}, {})
-        batch = self._prepare_inputs(scheduled)
+        host = self._gather(scheduled)
+        decode = host.as_decode() if self.graphs is not None else None
+        if self.graphs is not None and decode is not None and self.graphs.fits(decode):
+            return self._sample(host.sample_req_ids, self.graphs.run(decode))
+        batch = self._to_device(host)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
-        if not batch.sample_rows:
+        if not host.sample_rows:
             return ModelRunnerOutput({}, {})
-        rows = torch.tensor(batch.sample_rows, device=self.device)
+        rows = torch.tensor(host.sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
-        return self._sample(batch.sample_req_ids, logits)
+        return self._sample(host.sample_req_ids, logits)
 
     def _update_states(self, scheduled: SchedulerOutput) -> None:
         for request_id in scheduled.finished_request_ids:
@@ -114,58 +175,74 @@ class ModelRunner:
                 diff.num_computed_tokens,
             )
 
-    def _prepare_inputs(self, scheduled: SchedulerOutput) -> _BatchInputs:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_start_loc = [0]
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        sample_req_ids: list[str] = []
+    def _gather(self, scheduled: SchedulerOutput) -> _HostBatch:
+        """This step's inputs as host lists; advances each request's num_computed_tokens."""
+        host = _HostBatch()
         bs = self.block_size
         for request_id, num_new in scheduled.num_scheduled_tokens.items():
             state = self._requests[request_id]
             start = state.num_computed_tokens
             end = start + num_new
-            input_ids.extend(state.token_ids[start:end])
-            positions.extend(range(start, end))
+            host.input_ids.extend(state.token_ids[start:end])
+            host.positions.extend(range(start, end))
             blocks = state.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            seq_lens.append(end)
-            query_start_loc.append(query_start_loc[-1] + num_new)
-            tables.append(blocks)
+            host.slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            host.seq_lens.append(end)
+            host.query_start_loc.append(host.query_start_loc[-1] + num_new)
+            host.tables.append(blocks)
             state.num_computed_tokens = end
             if end == len(state.token_ids):  # reached the end: this step samples a token
-                sample_rows.append(query_start_loc[-1] - 1)
-                sample_req_ids.append(request_id)
-        max_blocks = max(len(t) for t in tables)
-        block_tables = torch.zeros((len(tables), max_blocks), dtype=torch.int64)
+                host.sample_rows.append(host.query_start_loc[-1] - 1)
+                host.sample_req_ids.append(request_id)
+        return host
+
+    def _to_device(self, host: _HostBatch) -> _BatchInputs:
+        tables = host.tables
+        block_tables = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
         for row, table in enumerate(tables):
-            block_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int64)
+            block_tables[row, : len(table)] = table
+        device_tables = torch.from_numpy(block_tables).to(self.device)
+        plan = None
+        if self._flashinfer_workspace is not None:
+            from baton.kernels.flashinfer_attention import plan_flashinfer
+
+            plan = plan_flashinfer(
+                device_tables,
+                host.seq_lens,
+                host.query_start_loc,
+                self.block_size,
+                self.arch.num_heads,
+                self.arch.num_kv_heads,
+                self.arch.head_dim,
+                self.kv_cache.dtype,
+                self._flashinfer_workspace,
+            )
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-            block_tables=block_tables.to(self.device),
-            seq_lens=seq_lens,
-            query_start_loc=query_start_loc,
-            block_size=bs,
+            slot_mapping=torch.tensor(host.slots, dtype=torch.int64, device=self.device),
+            block_tables=device_tables,
+            seq_lens=host.seq_lens,
+            query_start_loc=host.query_start_loc,
+            block_size=self.block_size,
             num_kv_heads=self.arch.num_kv_heads,
+            device_plan=plan,
+            backend=self.attention_backend,
         )
         return _BatchInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
+            input_ids=torch.tensor(host.input_ids, dtype=torch.int64, device=self.device),
+            positions=torch.tensor(host.positions, dtype=torch.int64, device=self.device),
             meta=meta,
-            sample_rows=sample_rows,
-            sample_req_ids=sample_req_ids,
         )
 
     def _sample(self, request_ids: list[str], logits: torch.Tensor) -> ModelRunnerOutput:
         states = [self._requests[r] for r in request_ids]
         self._mask_until_min_tokens(states, logits)
+        # Token histories cost O(context) per row: copy them only for rows whose penalties or
+        # min_tokens read them.
+        reads = {id(s) for s in states if _reads_history(s.params)}
         meta = SamplingMetadata.build(
             [s.params for s in states],
-            [s.token_ids[: s.num_prompt_tokens] for s in states],
-            [s.token_ids[s.num_prompt_tokens :] for s in states],
+            [s.token_ids[: s.num_prompt_tokens] if id(s) in reads else [] for s in states],
+            [s.token_ids[s.num_prompt_tokens :] if id(s) in reads else [] for s in states],
             [s.generator for s in states],
             logits.shape[-1],
             device=logits.device,

@@ -58,6 +58,8 @@ class SamplingMetadata:
     """[B, 1] fp32 (1.0 on greedy rows); None when every random row has temperature 1."""
     top_k: torch.Tensor | None
     """[B] int64 in [1, V] (V = off); None when no random row uses top_k."""
+    top_k_max: int
+    """max(top_k), known on the host so the GPU path never syncs to read it (0 with no top_k)."""
     top_p: torch.Tensor | None
     """[B] fp32 (1.0 = off); None when no random row uses top_p."""
     min_p: torch.Tensor | None
@@ -111,6 +113,7 @@ class SamplingMetadata:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
         temperature = top_k = top_p = min_p = None
+        top_k_max = 0
         if not all_greedy:
             # Greedy rows get neutral values: their random sample is computed, then discarded.
             temps = [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
@@ -122,6 +125,7 @@ class SamplingMetadata:
             ]
             if any(k < vocab_size for k in ks):
                 top_k = torch.tensor(ks, dtype=torch.int64, device=device)
+                top_k_max = max(ks)
             ps = [1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)]
             if any(p < 1.0 for p in ps):
                 top_p = row_floats(ps)
@@ -177,6 +181,7 @@ class SamplingMetadata:
             ),
             temperature=temperature,
             top_k=top_k,
+            top_k_max=top_k_max,
             top_p=top_p,
             min_p=min_p,
             seeded_rows=seeded_rows,
@@ -216,6 +221,7 @@ def apply_top_k_top_p_min_p(
     top_k: torch.Tensor | None = None,
     top_p: torch.Tensor | None = None,
     min_p: torch.Tensor | None = None,
+    top_k_max: int | None = None,
 ) -> torch.Tensor:
     """Set to -inf every logit outside the row's min_p, then top_k, then top_p set; out of place.
 
@@ -224,6 +230,7 @@ def apply_top_k_top_p_min_p(
     top_k [B] int64 in [1, V]: keep tokens whose logit is >= the k-th largest.
     top_p [B] in (0, 1]: keep the smallest most-likely-first set whose probability is >= top_p.
     min_p [B] in [0, 1]: keep tokens with prob >= min_p * (the top token's prob).
+    top_k_max: max(top_k) if the caller knows it (read from top_k otherwise: a host sync).
     Ties: a filter keeps every token tied with the last one it keeps (as HF's top-k does), so
     the kept set never depends on sort order among equal logits and may exceed k. The top token
     always survives all three.
@@ -236,7 +243,7 @@ def apply_top_k_top_p_min_p(
         max_prob = probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < max_prob * min_p.unsqueeze(1), neg_inf)
     if top_k is not None:
-        k_max = int(top_k.max().item())
+        k_max = int(top_k.max().item()) if top_k_max is None else top_k_max
         top_values = torch.topk(logits, k_max, dim=-1).values  # sorted descending
         kth = top_values.gather(1, (top_k - 1).unsqueeze(1))
         logits = logits.masked_fill(logits < kth, neg_inf)
@@ -291,7 +298,9 @@ class Sampler:
         """Sample every row as if random (greedy rows have neutral settings and are replaced)."""
         if meta.temperature is not None:
             logits = logits / meta.temperature
-        logits = apply_top_k_top_p_min_p(logits, meta.top_k, meta.top_p, meta.min_p)
+        logits = apply_top_k_top_p_min_p(
+            logits, meta.top_k, meta.top_p, meta.min_p, top_k_max=meta.top_k_max
+        )
         probs = logits.softmax(dim=-1)
         # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) is a sample from p, and unlike
         # torch.multinomial it never synchronizes with the host and draws a fixed V values/row.

@@ -26,6 +26,8 @@ class SequenceFactory:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     default_cache_salt: str = ""
+    generator_device: str = "cpu"
+    """Where seeded requests' random generators live: the device the sampler runs on."""
 
     def validate_prompt(self, token_ids: list[int]) -> None:
         """Raise ValueError (an HTTP 400 upstream) for a prompt this engine cannot run."""
@@ -64,6 +66,7 @@ class SequenceFactory:
                     priority=priority,
                     eos_token_ids=self.eos_token_ids,
                     seed=None if params.seed is None else params.seed + i,
+                    generator_device=self.generator_device,
                     wait_for=sequences[0] if sequences else None,
                 )
             )

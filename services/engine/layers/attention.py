@@ -41,6 +41,12 @@ class AttentionMetadata:
     """Tokens per KV block."""
     num_kv_heads: int = 0
     """KV heads per layer (the CUDA kernels' planner needs it; the CPU path does not)."""
+    device_plan: Any = None
+    """CUDA: a prebuilt plan — TritonAttentionMetadata (e.g. over a CUDA graph's static
+    buffers) or, with backend "flashinfer", a FlashInferPlan; None = Triton, planned from the
+    lists above on first use."""
+    backend: str = "triton"
+    """CUDA kernels: "triton" or "flashinfer" (the CPU path ignores it)."""
 
     @cached_property
     def plan(self) -> AttentionPlan:
@@ -52,6 +58,8 @@ class AttentionMetadata:
     @cached_property
     def triton_plan(self) -> Any:
         """The Triton kernels' device-side index tensors (CUDA), built once per step."""
+        if self.device_plan is not None:
+            return self.device_plan
         from baton.kernels.triton_attention import plan_attention as plan_triton
 
         return plan_triton(
@@ -88,19 +96,28 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """q: [T, heads*head_dim]; k, v: [T, kv_heads*head_dim] → [T, heads*head_dim]."""
+        """q: [T, heads, head_dim] or [T, heads*head_dim]; k, v likewise with kv_heads (views
+        with a token stride are fine) → [T, heads*head_dim]."""
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if q.is_cuda:
             # One engine, two devices: the CUDA path dispatches to the Triton kernels (imported
             # lazily: Triton is not a dependency of the CPU install).
-            from baton.kernels.triton_attention import triton_paged_attention
+            from baton.kernels.triton_ops import write_kv_cache as triton_write_kv_cache
 
-            out = triton_paged_attention(q, k_cache, v_cache, meta.triton_plan, self.scale)
+            triton_write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+            if meta.backend == "flashinfer":
+                from baton.kernels.flashinfer_attention import flashinfer_paged_attention
+
+                out = flashinfer_paged_attention(q, k_cache, v_cache, meta.device_plan, self.scale)
+            else:
+                from baton.kernels.triton_attention import triton_paged_attention
+
+                out = triton_paged_attention(q, k_cache, v_cache, meta.triton_plan, self.scale)
         else:
+            write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
             out = paged_attention(q, k_cache, v_cache, meta.plan, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

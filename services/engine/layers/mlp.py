@@ -29,6 +29,12 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up: torch.Tensor = self.gate_up_proj(x)
-        gate, up = gate_up[..., : self.intermediate_size], gate_up[..., self.intermediate_size :]
-        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        if gate_up.is_cuda:  # one Triton kernel instead of three elementwise passes
+            from baton.kernels.triton_ops import silu_and_mul
+
+            act = silu_and_mul(gate_up)
+        else:
+            gate = gate_up[..., : self.intermediate_size]
+            act = F.silu(gate) * gate_up[..., self.intermediate_size :]
+        out: torch.Tensor = self.down_proj(act)
         return out

@@ -2,12 +2,14 @@
 
 cos/sin for every position up to max_positions are computed once at build time, exactly as HF
 computes them per step (fp32 `position * inv_freq`), so a step only gathers rows: no trig in the
-hot path. The gather happens once per forward (RotaryEmbedding.cos_sin) and all layers reuse it.
+hot path. RotaryEmbedding.step gathers once per forward (on CUDA a Triton kernel gathers in each
+layer, from positions, so CUDA graphs replay it) and all layers reuse the step.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -58,6 +60,34 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+@dataclass(frozen=True)
+class RopeStep:
+    """RoPE at one step's positions: gathered cos/sin on CPU, the tables plus a Triton kernel on
+    CUDA (which reads positions itself, so a CUDA graph replays it on new positions)."""
+
+    positions: torch.Tensor
+    cos_half: torch.Tensor
+    sin_half: torch.Tensor
+    cos: torch.Tensor | None
+    """[T, 1, D] (CPU only)."""
+    sin: torch.Tensor | None
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hk, D] → rotated; on CUDA in place (views of a fused qkv)."""
+        if self.cos is None or self.sin is None:
+            from baton.kernels.triton_ops import rotary_embedding
+
+            return rotary_embedding(
+                self.positions, q, k, self.cos_half, self.sin_half, inplace=True
+            )
+        return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
+
+    def rotate_packed(self, qk: torch.Tensor) -> torch.Tensor:
+        """q and k heads side by side [T, Hq + Hk, D] → a rotated copy (the CPU path)."""
+        assert self.cos is not None and self.sin is not None, "rotate_packed is the CPU path"
+        return apply_rotary(qk, self.cos, self.sin)
+
+
 class RotaryEmbedding(nn.Module):
     """Holds the cos/sin tables [max_positions, head_dim // 2] in the model dtype.
 
@@ -87,6 +117,13 @@ class RotaryEmbedding(nn.Module):
         # Non-persistent: derived from the config, never part of a checkpoint.
         self.register_buffer("cos_half", freqs.cos().to(dtype=dtype, device=device), False)
         self.register_buffer("sin_half", freqs.sin().to(dtype=dtype, device=device), False)
+
+    def step(self, positions: torch.Tensor) -> RopeStep:
+        """This step's rotation, built once per forward and shared by every layer."""
+        if positions.is_cuda:  # the Triton kernel gathers from the half tables itself
+            return RopeStep(positions, self.cos_half, self.sin_half, None, None)
+        cos, sin = self.cos_sin(positions)
+        return RopeStep(positions, self.cos_half, self.sin_half, cos, sin)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] int64 → (cos, sin), each [T, 1, head_dim], ready for apply_rotary."""

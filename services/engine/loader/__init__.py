@@ -4,6 +4,7 @@
 "/path/model.gguf"        any llama / qwen2 / qwen3 GGUF (converted once, then cached)
 "/path/hf_folder"         config.json + *.safetensors (+ tokenizer.json)
 "dummy:/path/config.json" random weights shaped by an HF config (benchmarks)
+"dummy:llama-3.1-8b"      the same with a bundled config (llama-3.1-8b, qwen3-8b, smollm2-135m)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from baton.services.engine.loader.common import LoadedModel
-from baton.services.engine.loader.dummy_loader import load_dummy
+from baton.services.engine.loader.dummy_loader import load_dummy, resolve_config
 from baton.services.engine.loader.gguf_loader import (
     default_gguf_path,
     ensure_converted,
@@ -78,7 +79,7 @@ class ModelInfo:
 def load_model_info(model: str = DEFAULT_MODEL) -> ModelInfo:
     """Tokenizer, id and shape of `model`, reading no weights (GGUF: converted once, cached)."""
     if model.startswith(_DUMMY_PREFIX):
-        path = Path(model[len(_DUMMY_PREFIX) :]).expanduser()
+        path = resolve_config(model[len(_DUMMY_PREFIX) :])
         arch = arch_config_from_hf(json.loads(path.read_text(encoding="utf-8")))
         return ModelInfo(path.stem, arch, None)
     gguf = default_gguf_path() if model == DEFAULT_MODEL else Path(model).expanduser()

@@ -7,7 +7,8 @@ Family differences are flags of ModelArchConfig read by one decoder layer, never
   tie_word_embeddings  LM head shares the embedding table (SmolLM2, small Qwens)
 
 Per layer the hot path is: norm → one qkv GEMM → RoPE on q and k together → paged attention →
-o_proj → residual → norm → one gate_up GEMM → SiLU·up → down → residual; no per-token Python.
+o_proj → residual add + norm → one gate_up GEMM → SiLU·up → down; the residual add travels to
+the next layer's norm, where CUDA fuses it (one Triton kernel). No per-token Python.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from baton.services.engine.layers.attention import Attention, AttentionMetadata
 from baton.services.engine.layers.linear import Embedding, Linear
 from baton.services.engine.layers.mlp import SwiGLUMLP
 from baton.services.engine.layers.norm import RMSNorm, rms_norm
-from baton.services.engine.layers.rotary import RotaryEmbedding, apply_rotary
+from baton.services.engine.layers.rotary import RopeStep, RotaryEmbedding
 from baton.services.engine.models.base import CausalLM, ModelArchConfig
 
 # HF checkpoint projection → (our fused module, shard index in it).
@@ -69,18 +70,34 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeStep,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv: torch.Tensor = self.qkv_proj(x)
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        v = qkv[:, k_end:]
+        if qkv.is_cuda:
+            # Triton kernels on strided views of qkv: RoPE rotates q and k in place, no copies.
+            q = qkv[:, :q_end].view(num_tokens, self.num_heads, self.head_dim)
+            k = qkv[:, q_end:k_end].view(num_tokens, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rope.rotate(q, k)
+        else:
+            q, k = self._qk_cpu(qkv, rope, num_tokens)
+        out: torch.Tensor = self.attn(q, k, v, kv_cache, meta)
+        projected: torch.Tensor = self.o_proj(out)
+        return projected
+
+    def _qk_cpu(
+        self, qkv: torch.Tensor, rope: RopeStep, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # q and k heads side by side: [T, heads + kv_heads, D], so norm and RoPE run once for both.
         qk = qkv[:, : self.q_size + self.kv_size].view(
             num_tokens, self.num_heads + self.num_kv_heads, self.head_dim
         )
-        v = qkv[:, self.q_size + self.kv_size :]
         if self.q_norm is not None and self.k_norm is not None:
             # Per-head weights, laid out to match qk's head axis (elementwise identical to HF's
             # separate q_norm / k_norm calls).
@@ -91,12 +108,8 @@ class LlamaAttention(nn.Module):
                 )
             )
             qk = rms_norm(qk, weight, self.eps)
-        qk = apply_rotary(qk, cos, sin)
-        q = qk[:, : self.num_heads].reshape(num_tokens, self.q_size)
-        k = qk[:, self.num_heads :].reshape(num_tokens, self.kv_size)
-        out: torch.Tensor = self.attn(q, k, v, kv_cache, meta)
-        projected: torch.Tensor = self.o_proj(out)
-        return projected
+        qk = rope.rotate_packed(qk)
+        return qk[:, : self.num_heads].contiguous(), qk[:, self.num_heads :].contiguous()
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -116,14 +129,21 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: RopeStep,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
-        out: torch.Tensor = hidden + self.mlp(self.post_attention_layernorm(hidden))
-        return out
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sublayer output, residual stream before it): the add is fused into the next norm."""
+        if residual is None:
+            residual = hidden
+            x = self.input_layernorm(hidden)
+        else:
+            x, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        x = self.self_attn(x, rope, kv_cache, meta)
+        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
+        out: torch.Tensor = self.mlp(x)
+        return out, residual
 
 
 class LlamaModel(nn.Module):
@@ -174,11 +194,15 @@ class LlamaForCausalLM(CausalLM):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         model = self.model
-        cos, sin = model.rotary.cos_sin(positions)
+        rope = model.rotary.step(positions)
         hidden: torch.Tensor = model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
         for i, layer in enumerate(model.layers):
-            hidden = layer(hidden, cos, sin, kv_cache[i], meta)
-        out: torch.Tensor = model.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope, kv_cache[i], meta)
+        if residual is None:  # no layers
+            out: torch.Tensor = model.norm(hidden)
+            return out
+        out, _ = model.norm.add_and_norm(hidden, residual)
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

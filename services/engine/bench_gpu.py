@@ -1,0 +1,297 @@
+"""The single-GPU benchmark: the engine against the device's own measured limits, in one run.
+
+    python -m baton.services.engine.bench_gpu [--models llama-3.1-8b qwen3-8b] [--quick]
+
+Measures, on random-weight models built from real configs (dummy:<name>), bf16:
+  device      copy bandwidth (read + write bytes of a 2 GiB copy) and the bf16 matmul peak
+  decode b=1  engine tok/s at 1k context, CUDA graphs on, against the roofline
+              (weight bytes read per step + live KV) / copy bandwidth; and where the step's
+              time goes: engine step (wall) vs graph replay alone (GPU) vs the step's GEMMs
+              alone (a graph of just them) vs the ideal byte time
+  decode b=B  steady-state tok/s at batch 16, 64, 256 with 1k context against the analytic
+              bound (weights + every sequence's live KV) / bandwidth
+  prefill     tok/s and MFU (model FLOPs incl. causal attention / measured matmul peak) of one
+              2k and one 8k prompt
+  attention   decode-attention bandwidth at batch 8 x 4k and 32k: Triton, SDPA, FlashInfer
+Prints one table last and writes bench_gpu.json to $OUT (or bench_out/). Without CUDA it says
+so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from baton.services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from baton.services.engine.llm_engine import LLMEngine
+from baton.services.engine.runner import kv_bytes_per_block
+from baton.services.engine.sampling_params import SamplingParams
+
+GiB = 1024**3
+DECODE_CONTEXT = 1024
+
+
+def _cuda_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn over iters runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(float(start.elapsed_time(end)))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy, counting the read and the write."""
+    n = 2 * GiB // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+
+    def copy() -> None:
+        dst.copy_(src)
+
+    ms = _cuda_ms(copy, iters=20)
+    return 2 * n * 2 / (ms / 1e3)
+
+
+def matmul_peak() -> tuple[float, dict[str, float]]:
+    """Best bf16 TFLOP/s over square and prefill-shaped GEMMs (FLOP/s, per-shape TFLOP/s)."""
+    shapes = {"8192^3": (8192, 8192, 8192), "2048x4096x28672": (2048, 4096, 28672)}
+    shapes["8192x4096x28672"] = (8192, 4096, 28672)
+    results: dict[str, float] = {}
+    for name, (m, k, n) in shapes.items():
+        a = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+
+        def gemm(a: torch.Tensor = a, b: torch.Tensor = b) -> None:
+            torch.nn.functional.linear(a, b)
+
+        ms = _cuda_ms(gemm, iters=20)
+        results[name] = 2 * m * k * n / (ms / 1e3) / 1e12
+    return max(results.values()) * 1e12, results
+
+
+def _engine(model: str, max_num_seqs: int, max_len: int) -> LLMEngine:
+    config = EngineConfig(
+        model=f"dummy:{model}",
+        dtype="bfloat16",
+        device="cuda",
+        max_model_len=max_len,
+        cache=CacheConfig(block_size=16, enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=8192),
+    )
+    return LLMEngine.from_config(config)
+
+
+def _weight_bytes_per_step(engine: LLMEngine) -> int:
+    """Bytes a decode step must read: every parameter but the embedding table (one row)."""
+    model = engine.core.runner.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    table = model.get_parameter("model.embed_tokens.weight")
+    tied = engine.arch.tie_word_embeddings
+    return total if tied else total - table.numel() * table.element_size()
+
+
+def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (batch, length), generator=g).tolist()
+
+
+def decode(engine: LLMEngine, batch: int, new_tokens: int, seed: int) -> dict[str, float]:
+    """Run `batch` requests of DECODE_CONTEXT prompt tokens; time the all-decode steps."""
+    graphs = engine.core.runner.graphs
+    assert graphs is not None
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for prompt in _prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, seed):
+        engine.add_request(prompt, params)
+    steps: list[float] = []
+    while engine.has_unfinished_requests():
+        replays = graphs.num_replays
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        elapsed = time.perf_counter() - start
+        if graphs.num_replays > replays and engine.core.last_num_scheduled_tokens == batch:
+            steps.append(elapsed)
+    step_s = statistics.median(steps[2:])
+    # The graph alone, replayed on the last step's buffers (blocks now free: nothing reads
+    # their contents afterwards) — the step without the engine's host work.
+    bucket = graphs.bucket_for(batch)
+    assert bucket is not None
+    replay_ms = _cuda_ms(graphs._graphs[bucket].replay, iters=30)
+    return {
+        "batch": batch,
+        "context": DECODE_CONTEXT + new_tokens // 2,
+        "step_ms": step_s * 1e3,
+        "replay_ms": replay_ms,
+        "tok_s": batch / step_s,
+    }
+
+
+def gemm_only_ms(engine: LLMEngine, batch: int) -> float:
+    """One decode step's projections and LM head alone (a CUDA graph of just them)."""
+    from baton.services.engine.layers.linear import Linear
+
+    model = engine.core.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    inputs = [
+        torch.randn(batch, m.in_features, dtype=torch.bfloat16, device="cuda") for m in linears
+    ]
+    table = model.get_parameter("model.embed_tokens.weight")
+    head_in = torch.randn(batch, table.shape[1], dtype=torch.bfloat16, device="cuda")
+
+    def run() -> None:
+        for m, x in zip(linears, inputs, strict=True):
+            m(x)
+        if engine.arch.tie_word_embeddings:
+            torch.nn.functional.linear(head_in, table)
+
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return _cuda_ms(graph.replay, iters=30)
+
+
+def prefill(engine: LLMEngine, length: int, peak: float) -> dict[str, float]:
+    """Best of 3 single-step prefills of a `length`-token prompt (one token generated)."""
+    arch = engine.arch
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times = []
+    for seed in range(4):
+        engine.add_request(_prompts(1, length, arch.vocab_size, 100 + seed)[0], params)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        times.append(time.perf_counter() - start)
+    seconds = min(times[1:])  # the first run compiles this shape's kernels
+    model = engine.core.runner.model
+    layer_params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    head = arch.vocab_size * arch.hidden_size  # the LM head runs on the last token only
+    attention = 2 * 2 * (length * (length + 1) // 2) * arch.num_heads * arch.head_dim
+    flops = 2 * length * layer_params + 2 * head + attention * arch.num_layers
+    return {
+        "prompt": length,
+        "ms": seconds * 1e3,
+        "tok_s": length / seconds,
+        "tflops": flops / seconds / 1e12,
+        "mfu": flops / seconds / peak,
+    }
+
+
+def bench_model(
+    model: str, bandwidth: float, peak: float, batches: list[int], prefills: list[int]
+) -> dict[str, Any]:
+    max_batch = max([1, *batches])
+    engine = _engine(model, max_batch, max(8192, *prefills) + 64)
+    arch = engine.arch
+    weights = _weight_bytes_per_step(engine)
+    kv_per_token = kv_bytes_per_block(arch, 1, torch.bfloat16)
+    out: dict[str, Any] = {"model": model, "weight_bytes": weights, "decode": []}
+    for i, batch in enumerate([1, *batches]):
+        r = decode(engine, batch, new_tokens=64 if batch == 1 else 32, seed=i)
+        bytes_per_step = weights + batch * r["context"] * kv_per_token
+        r["bound_tok_s"] = batch * bandwidth / bytes_per_step
+        r["fraction"] = r["tok_s"] / r["bound_tok_s"]
+        r["ideal_ms"] = bytes_per_step / bandwidth * 1e3
+        r["gemm_ms"] = gemm_only_ms(engine, batch)
+        out["decode"].append(r)
+        print(f"{model} decode b={batch}: {r}", flush=True)
+    out["prefill"] = []
+    for length in prefills:
+        r = prefill(engine, length, peak)
+        out["prefill"].append(r)
+        print(f"{model} prefill {length}: {r}", flush=True)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--models", nargs="+", default=["llama-3.1-8b", "qwen3-8b"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--prefills", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--skip-attention", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device, nothing to measure")
+        return 0
+    props = torch.cuda.get_device_properties(0)
+    bandwidth = copy_bandwidth()
+    peak, gemms = matmul_peak()
+    print(f"copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {gemms}", flush=True)
+    models = [bench_model(m, bandwidth, peak, args.batches, args.prefills) for m in args.models]
+    attention: list[dict[str, Any]] = []
+    if not args.skip_attention:
+        from baton.kernels.bench_attention import bench_one
+
+        for context in args.contexts:
+            attention += bench_one(8, context, torch.bfloat16)
+            torch.cuda.empty_cache()
+    result = {
+        "device": props.name,
+        "copy_bytes_per_s": bandwidth,
+        "matmul_flops": peak,
+        "matmul_tflops_by_shape": gemms,
+        "models": models,
+        "attention": attention,
+    }
+    _print_table(result)
+    out_dir = Path(os.environ.get("OUT") or "bench_out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_gpu.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out_dir / 'bench_gpu.json'}")
+    return 0
+
+
+def _print_table(r: dict[str, Any]) -> None:
+    bw = r["copy_bytes_per_s"]
+    print(f"\n{r['device']}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {r['matmul_flops'] / 1e12:.0f}")
+    print(
+        f"{'model':<14}{'what':<18}{'tok/s':>10}{'bound':>10}{'of bound':>9}"
+        f"{'step ms':>9}{'graph ms':>9}{'GEMMs ms':>9}{'ideal ms':>9}"
+    )
+    for m in r["models"]:
+        for d in m["decode"]:
+            print(
+                f"{m['model']:<14}{'decode b=' + str(d['batch']):<18}{d['tok_s']:>10.1f}"
+                f"{d['bound_tok_s']:>10.1f}{d['fraction']:>9.1%}{d['step_ms']:>9.2f}"
+                f"{d['replay_ms']:>9.2f}{d['gemm_ms']:>9.2f}{d['ideal_ms']:>9.2f}"
+            )
+        for p in m["prefill"]:
+            what = f"prefill {p['prompt']}"
+            print(
+                f"{m['model']:<14}{what:<18}{p['tok_s']:>10.0f}{'':>10}{p['mfu']:>9.1%}"
+                f"{p['ms']:>9.1f}   ({p['tflops']:.0f} TFLOP/s; MFU vs measured peak)"
+            )
+    for a in r["attention"]:
+        what = f"attn {a['impl']}"[:17]
+        frac = a["GB_per_s"] * 1e9 / bw
+        print(
+            f"{'b=8 ctx=' + str(a['context']):<14}{what:<18}{a['GB_per_s']:>10.0f}"
+            f"{bw / 1e9:>10.0f}{frac:>9.1%}{a['us'] / 1e3:>9.3f}   (GB/s vs copy)"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
