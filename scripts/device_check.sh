@@ -13,7 +13,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 status=0
 if [[ "$what" == tests || "$what" == all ]]; then
-    python3 -m pytest -q -p no:cacheprovider -rs tests/gpu tests/kernels 2>&1 | tail -40
+    python3 -m pytest -q -p no:cacheprovider -rfs --tb=line tests/gpu tests/kernels 2>&1 | tail -40
     status=${PIPESTATUS[0]}
 fi
 if [[ "$what" == bench || "$what" == all ]]; then

@@ -113,10 +113,17 @@ def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def decode(engine: LLMEngine, batch: int, new_tokens: int, seed: int) -> dict[str, float]:
-    """Run `batch` requests of DECODE_CONTEXT prompt tokens; time the all-decode steps."""
+    """Run `batch` requests of DECODE_CONTEXT prompt tokens; time the all-decode steps.
+
+    Prefills take batch * DECODE_CONTEXT / budget steps, while the first requests already
+    decode; max_tokens covers those steps too, so that every request then decodes together
+    for about new_tokens steps (the ones timed).
+    """
     graphs = engine.core.runner.graphs
     assert graphs is not None
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    budget = engine.config.scheduler.max_num_batched_tokens
+    prefill_steps = -(-batch * DECODE_CONTEXT // budget) + 1
+    params = SamplingParams(temperature=0, max_tokens=new_tokens + prefill_steps, ignore_eos=True)
     for prompt in _prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, seed):
         engine.add_request(prompt, params)
     steps: list[float] = []
@@ -136,7 +143,7 @@ def decode(engine: LLMEngine, batch: int, new_tokens: int, seed: int) -> dict[st
     replay_ms = _cuda_ms(graphs._graphs[bucket].replay, iters=30)
     return {
         "batch": batch,
-        "context": DECODE_CONTEXT + new_tokens // 2,
+        "context": DECODE_CONTEXT + prefill_steps + new_tokens // 2,
         "step_ms": step_s * 1e3,
         "replay_ms": replay_ms,
         "tok_s": batch / step_s,

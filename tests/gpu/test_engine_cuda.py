@@ -30,8 +30,8 @@ def _save_tiny(path: Path, arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     common = dict(
         vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=512,
+        hidden_size=512,  # head_dim 64: FlashInfer's kernels need 64, 128 or 256
+        intermediate_size=1024,
         num_hidden_layers=4,
         num_attention_heads=8,
         num_key_value_heads=2,
@@ -42,7 +42,7 @@ def _save_tiny(path: Path, arch: str) -> torch.nn.Module:
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     else:
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=32, **common))
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=64, **common))
     model = model.to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
     return model.cuda().eval()
