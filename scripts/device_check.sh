@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (no network): install the carried wheels (.whl/, gitignored:
 # gguf, flashinfer-python 0.5.3, apache-tvm-ffi, nvidia-cudnn-frontend), run the GPU and kernel
-# tests, then the benchmark. Usage: bash scripts/device_check.sh [tests|bench|all] [bench args]
+# tests, then the benchmark. Usage: [TEST_PATHS=...] bash scripts/device_check.sh [tests|bench|all] [bench args]
 set -uo pipefail
 what="${1:-all}"
 shift || true
@@ -13,7 +13,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 status=0
 if [[ "$what" == tests || "$what" == all ]]; then
-    python3 -m pytest -q -p no:cacheprovider -rfs --tb=line tests/gpu tests/kernels 2>&1 | tail -40
+    python3 -m pytest -q -p no:cacheprovider -rfs --tb=short ${TEST_PATHS:-tests/gpu tests/kernels} 2>&1 | tail -40
     status=${PIPESTATUS[0]}
 fi
 if [[ "$what" == bench || "$what" == all ]]; then

@@ -16,6 +16,20 @@ from torch import nn
 
 from baton.kernels.cpu_linear import can_pack, pack_weight, packed_linear
 
+SKINNY_MAX_ROWS = 16
+"""CUDA: up to this many rows (decode batches) go to the Triton skinny GEMM, which streams
+the weight faster than cuBLAS at these shapes (docs/perf.md); larger ones to cuBLAS."""
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias), picking the kernel by device and row count."""
+    if x.is_cuda and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS:
+        from baton.kernels.triton_gemv import skinny_linear, supports
+
+        if supports(x, weight):
+            return skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
 
 def _frozen(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
@@ -50,7 +64,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias, self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def pack_for_cpu(self) -> bool:
         """Swap the plain weight for a oneDNN-packed one (CPU inference); False if not possible.

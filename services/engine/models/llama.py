@@ -16,12 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from baton.kernels.cpu_linear import can_pack, pack_weight, packed_linear
 from baton.services.engine.layers.attention import Attention, AttentionMetadata
-from baton.services.engine.layers.linear import Embedding, Linear
+from baton.services.engine.layers.linear import Embedding, Linear, linear
 from baton.services.engine.layers.mlp import SwiGLUMLP
 from baton.services.engine.layers.norm import RMSNorm, rms_norm
 from baton.services.engine.layers.rotary import RopeStep, RotaryEmbedding
@@ -214,7 +213,7 @@ class LlamaForCausalLM(CausalLM):
                 hidden, self._packed_head, None, self.model.embed_tokens.weight.shape[0]
             )
         else:
-            logits = F.linear(hidden, self.model.embed_tokens.weight)
+            logits = linear(hidden, self.model.embed_tokens.weight)
         return logits.float()
 
     def pack_for_cpu(self) -> None:
