@@ -127,6 +127,9 @@ def decode(engine: LLMEngine, batch: int, new_tokens: int, seed: int) -> dict[st
     for prompt in _prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, seed):
         engine.add_request(prompt, params)
     steps: list[float] = []
+    bucket = graphs.bucket_for(batch)
+    assert bucket is not None
+    replay_ms = 0.0
     while engine.has_unfinished_requests():
         replays = graphs.num_replays
         torch.cuda.synchronize()
@@ -135,12 +138,11 @@ def decode(engine: LLMEngine, batch: int, new_tokens: int, seed: int) -> dict[st
         elapsed = time.perf_counter() - start
         if graphs.num_replays > replays and engine.core.last_num_scheduled_tokens == batch:
             steps.append(elapsed)
+            if len(steps) == 4:
+                # The graph alone on this full step's buffers (a replay rewrites the same KV
+                # slots with the same values): the step without the engine's host work.
+                replay_ms = _cuda_ms(graphs._graphs[bucket].replay, iters=20)
     step_s = statistics.median(steps[2:])
-    # The graph alone, replayed on the last step's buffers (blocks now free: nothing reads
-    # their contents afterwards) — the step without the engine's host work.
-    bucket = graphs.bucket_for(batch)
-    assert bucket is not None
-    replay_ms = _cuda_ms(graphs._graphs[bucket].replay, iters=30)
     return {
         "batch": batch,
         "context": DECODE_CONTEXT + prefill_steps + new_tokens // 2,
@@ -232,6 +234,28 @@ def bench_model(
     return out
 
 
+def profile_host(model: str, batch: int) -> None:
+    """cProfile of 20 all-decode steps at `batch` (host time by function, GPU waits included
+    in the sync that returns the tokens)."""
+    import cProfile
+    import pstats
+
+    engine = _engine(model, batch, 2048)
+    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    for prompt in _prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, 0):
+        engine.add_request(prompt, params)
+    while engine.core.last_num_scheduled_tokens != batch:
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(20):
+        engine.step()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--models", nargs="+", default=["llama-3.1-8b", "qwen3-8b"])
@@ -239,9 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefills", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument(
+        "--profile-host",
+        type=int,
+        default=0,
+        metavar="B",
+        help="only profile the engine's host work (cProfile) over decode steps at batch B",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device, nothing to measure")
+        return 0
+    if args.profile_host:
+        profile_host(args.models[0], args.profile_host)
         return 0
     props = torch.cuda.get_device_properties(0)
     bandwidth = copy_bandwidth()
