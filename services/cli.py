@@ -219,7 +219,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _engine_flags(a: argparse.Namespace) -> tuple[str, ...]:
-    """serve's engine flags, handed on to each `baton worker` it starts."""
+    """serve's engine flags, handed on to each `baton worker` it starts; the workers share
+    the device, so each gets an equal part of --gpu-memory-utilization."""
+    num_workers = 1 if a.colocated else a.num_prefill + a.num_decode
     flags = [
         "--block-size",
         str(a.block_size),
@@ -230,7 +232,7 @@ def _engine_flags(a: argparse.Namespace) -> tuple[str, ...]:
         "--device",
         a.device,
         "--gpu-memory-utilization",
-        str(a.gpu_memory_utilization),
+        str(a.gpu_memory_utilization / num_workers),
         "--attention-backend",
         a.attention_backend,
     ]

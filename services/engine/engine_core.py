@@ -28,8 +28,10 @@ def _auto_pool_bytes(
     dtype: torch.dtype,
     device: torch.device,
 ) -> int:
-    """KV pool size when none is given: 512 MiB on CPU; on CUDA, gpu_memory_utilization of
-    the device minus what is in use (weights, other processes) minus an activation reserve."""
+    """KV pool size when none is given: 512 MiB on CPU; on CUDA, this engine's share of the
+    device (gpu_memory_utilization of its memory) minus what this process already holds
+    (weights) and an activation reserve, and never more than is free. Several engines on one
+    device each pass their own share (baton serve divides it among its workers)."""
     if device.type != "cuda":
         return CPU_DEFAULT_POOL_BYTES
     free, total = torch.cuda.mem_get_info(device)
@@ -41,7 +43,8 @@ def _auto_pool_bytes(
     width = 6 * arch.hidden_size + 3 * arch.intermediate_size
     reserve = tokens * width * elem + scheduler.max_num_seqs * arch.vocab_size * 4 * 6
     reserve += 1024**3
-    return max(0, int(cache.gpu_memory_utilization * total) - (total - free) - reserve)
+    share = int(cache.gpu_memory_utilization * total) - torch.cuda.memory_reserved(device)
+    return max(0, min(share, free) - reserve)
 
 
 class EngineCore:
