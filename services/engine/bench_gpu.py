@@ -141,7 +141,7 @@ def decode(engine: LLMEngine, batch: int, new_tokens: int, seed: int) -> dict[st
             if len(steps) == 4:
                 # The graph alone on this full step's buffers (a replay rewrites the same KV
                 # slots with the same values): the step without the engine's host work.
-                replay_ms = _cuda_ms(graphs._graphs[bucket].replay, iters=20)
+                replay_ms = _cuda_ms(lambda: graphs.replay(bucket), iters=20)
     step_s = statistics.median(steps[2:])
     return {
         "batch": batch,

@@ -77,15 +77,6 @@ class _BatchInputs:
     meta: AttentionMetadata
 
 
-def _reads_history(params: SamplingParams) -> bool:
-    return bool(
-        params.repetition_penalty != 1.0
-        or params.frequency_penalty
-        or params.presence_penalty
-        or params.min_tokens
-    )
-
-
 def kv_cache_shape(arch: ModelArchConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
     return (arch.num_layers, 2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
 
@@ -150,9 +141,9 @@ class ModelRunner:
         if scheduled.is_empty:
             return ModelRunnerOutput({}, {})
         host = self._gather(scheduled)
-        decode = host.as_decode() if self.graphs is not None else None
-        if self.graphs is not None and decode is not None and self.graphs.fits(decode):
-            return self._sample(host.sample_req_ids, self.graphs.run(decode))
+        graphs = self.graphs
+        if graphs is not None and (decode := host.as_decode()) and graphs.fits(decode):
+            return self._sample(host.sample_req_ids, graphs.run(decode))
         batch = self._to_device(host)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
         if not host.sample_rows:
@@ -238,7 +229,7 @@ class ModelRunner:
         self._mask_until_min_tokens(states, logits)
         # Token histories cost O(context) per row: copy them only for rows whose penalties or
         # min_tokens read them.
-        reads = {id(s) for s in states if _reads_history(s.params)}
+        reads = {id(s) for s in states if s.params.reads_token_history}
         meta = SamplingMetadata.build(
             [s.params for s in states],
             [s.token_ids[: s.num_prompt_tokens] if id(s) in reads else [] for s in states],

@@ -81,6 +81,16 @@ class SamplingParams:
         self._validate()
 
     @property
+    def reads_token_history(self) -> bool:
+        """Sampling needs the prompt/output ids: penalties, or EOS masked until min_tokens."""
+        return bool(
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty
+            or self.presence_penalty
+            or self.min_tokens
+        )
+
+    @property
     def greedy(self) -> bool:
         """True when the next token is the argmax (temperature 0 or numerically so)."""
         return self.temperature < SAMPLING_EPS
