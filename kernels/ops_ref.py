@@ -16,6 +16,7 @@ from baton.kernels.attention_ref import write_kv_cache
 
 __all__ = [
     "fused_add_rms_norm_ref",
+    "qk_norm_rope_write_kv_ref",
     "rms_norm_ref",
     "rope_ref",
     "silu_and_mul_ref",
@@ -69,3 +70,30 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     assert x.shape[-1] == 2 * half, x.shape
     return F.silu(x[..., :half]) * x[..., half:]
+
+
+def qk_norm_rope_write_kv_ref(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_half: torch.Tensor,
+    sin_half: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention prologue: [per-head rms_norm_ref] -> rope_ref -> write_kv_cache.
+
+    Returns rotated copies of q and k (inputs untouched); the caches are written at the slots
+    >= 0 (negative slots are padding).
+    """
+    if q_norm_weight is not None and k_norm_weight is not None:
+        q, k = rms_norm_ref(q, q_norm_weight, eps), rms_norm_ref(k, k_norm_weight, eps)
+    q, k = rope_ref(q, positions, cos_half, sin_half), rope_ref(k, positions, cos_half, sin_half)
+    live = slot_mapping >= 0
+    write_kv_cache(k[live], v[live], k_cache, v_cache, slot_mapping[live].long())
+    return q, k

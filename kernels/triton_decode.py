@@ -14,6 +14,11 @@ Context slices, per sequence (tiles of BLOCK_N tokens; the last tile is cut at s
 A split that starts at or past seq_len writes lse = -inf and contributes nothing, so one
 num_splits serves every sequence of the batch (and a fixed-shape CUDA graph).
 
+Two launches beat one here: folding the merge into the last-arriving split program (an
+arrival counter) was measured 3 us per layer slower at batch 1 and 1k context on an H200
+(12 vs 9 us: the atomic and the re-read of the partials sit on the critical path, where the
+merge kernel's own programs run in parallel and, with PDL, start while stage 1 drains).
+
 Each token's K/V row is found through the block table (`block_tables[seq, tok // BLOCK_SIZE]`,
 offset `tok % BLOCK_SIZE`), so any power-of-two block size works, smaller or larger than BLOCK_N.
 """
@@ -23,6 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from baton.kernels import pdl
 
 LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256
@@ -87,10 +94,14 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     HAS_ROWS: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: write the normalised output, skip stage 2
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if USE_PDL:  # seq_lens, rows and block tables are refilled by the host: all after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     num_splits = tl.num_programs(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     row = tl.load(rows_ptr + seq).to(tl.int64) if HAS_ROWS else seq.to(tl.int64)
@@ -171,9 +182,13 @@ def _decode_merge_kernel(  # type: ignore[no-untyped-def]
     HEAD_DIM_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    if USE_PDL:  # the partials are the split kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.load(rows_ptr + seq).to(tl.int64) if HAS_ROWS else seq.to(tl.int64)
     sp = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -281,8 +296,10 @@ def paged_decode_attention(
         HAS_ROWS=rows is not None,
         DIRECT=direct,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_PDL=pdl.enabled(),
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl.launch_kwargs(),
     )
     if not direct:
         _decode_merge_kernel[(num_seqs, num_heads)](
@@ -298,7 +315,9 @@ def paged_decode_attention(
             HEAD_DIM_PAD=head_dim_pad,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             HAS_ROWS=rows is not None,
+            USE_PDL=pdl.enabled(),
             num_warps=4,
+            **pdl.launch_kwargs(),
         )
     return out
 

@@ -1,8 +1,8 @@
 """Skinny GEMM for decode: y = x @ W^T (+ bias) for a few rows of x, written to stream W at HBM
 bandwidth. F.linear (cuBLAS) is the reference.
 
-    skinny_linear(x [M, K], weight [N, K], bias [N] | None, out=..., config=...) -> y [M, N]
-    supports(x, weight)                  -> whether skinny_linear takes these operands
+    skinny_linear(x [M, K], weight [N, K], bias [N] | None, act=, out=, config=) -> y [M, N]
+    supports(x, weight, act=)            -> whether skinny_linear takes these operands
     default_config(M, N, K, num_sms)     -> GemvConfig, the explicit heuristic (no autotune)
 
 At M <= 16 the product is pure weight streaming: every element of W is read once and used M
@@ -18,14 +18,29 @@ the arithmetic, picked by GemvConfig.use_dot:
   per (row of x, column block); programs for the same block are adjacent in the grid, so for
   M > 1 the repeats of a W tile are served by L2.
 
+act="silu_mul" (the MLP's down projection) takes x [M, 2K] = [gate | up] and multiplies
+silu(gate) * up, computed per x tile in fp32 and rounded to x's dtype exactly as
+triton_ops.silu_and_mul rounds it, so the fused call equals silu_and_mul then skinny_linear bit
+for bit, one launch and one activation round trip fewer.
+
 Split-K (GemvConfig.split_k > 1) is for shapes whose N gives too few column blocks to cover the
-SMs (o_proj and down at N = 4096): each K slice writes an fp32 partial to a [S, M, N] workspace
-and a second kernel sums the S partials in a fixed order, adds the bias and casts. The result is
-deterministic (no atomics) and costs one extra small launch.
+SMs (o_proj and down at N = 4096). Each K slice stores an fp32 partial to a [S, M, N] workspace
+and bumps its output tile's arrival counter; the program that arrives last sums the S partials
+in slice order 0..S-1, adds the bias and casts. One launch, and deterministic: the sum's order
+does not depend on which program finished first. The counters are a persistent zeroed int32
+buffer per device that the last program resets, so it is all zero again after every call (CUDA
+graph replays rely on it); split-K calls on one device must therefore be stream-ordered.
+
+PDL (pdl.py): with pdl.enabled() the kernel is launched with launch_pdl and compiled with
+USE_PDL. Before gdc_wait() a program only does index math and prefetches its first
+GemvConfig.prefetch_tiles W tiles into L2 (weights are constant; one prefetch per 128-byte
+line), overlapping the previous kernel's tail; x, the workspace and the counters are touched
+only after the wait.
 
 Rounding follows F.linear's: products and sums in fp32, bias added in fp32, one cast to x's dtype.
-Nothing here syncs the host or allocates outside torch.empty, so the wrapper can be captured in
-a CUDA graph (the config heuristic reads only shapes and the cached SM count).
+Nothing here syncs the host or allocates outside torch (the workspace is a fresh torch.empty,
+graph-pool safe; the counter buffer is allocated on first use, outside capture), so the wrapper
+can be captured in a CUDA graph (the config heuristic reads only shapes and the cached SM count).
 """
 
 from __future__ import annotations
@@ -33,13 +48,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 
+from baton.kernels import pdl
+
 # Triton ships no type information: each @triton.jit kernel carries two narrow ignores rather
-# than annotations on its arguments (Triton reads those annotations and would specialise on them).
+# than annotations on its arguments (Triton reads those annotations and would specialise on them);
+# a helper with no tl.constexpr argument is an untyped def to mypy and needs only the second.
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROWS = 16
@@ -47,7 +66,9 @@ MAX_ROWS = 16
 _DOT_BLOCK_M = 16  # tl.dot needs every dim >= 16; rows past M are clamped copies, never stored
 _SMEM_PER_SM = 227 * 1024  # H100/H200 shared memory a block may use; sets CTAs per SM
 _DEFAULT_NUM_SMS = 132  # H100 SXM; the interpreter (CPU) has no device to ask
-_REDUCE_BLOCK = 1024
+_MIN_COUNTERS = 1024  # split-K grids have a few hundred tiles: the first buffer fits them all
+
+Activation = Literal["none", "silu_mul"]
 
 
 @dataclass(frozen=True)
@@ -59,13 +80,15 @@ class GemvConfig:
     block_k: int = 128
     """K elements per tile: a power of two >= 16."""
     split_k: int = 1
-    """K slices (programs along grid axis 1); > 1 adds the fp32 workspace and reduce kernel."""
+    """K slices (programs along grid axis 1); > 1 adds the fp32 workspace and tile counters."""
     num_warps: int = 4
     """Warps per program (4 = one Hopper warpgroup)."""
     num_stages: int = 4
     """Software-pipeline depth of the K loop: tiles in flight per program is num_stages - 1."""
     use_dot: bool = True
     """Tensor cores (swap-AB tl.dot) when True; CUDA-core FMAs, one program per row, when False."""
+    prefetch_tiles: int = 2
+    """W tiles each program prefetches into L2 before gdc_wait() when PDL is on; 0 = none."""
 
 
 # --- Heuristic --------------------------------------------------------------------------------
@@ -141,6 +164,50 @@ def _num_sms(device: torch.device) -> int:
 # --- Kernels ----------------------------------------------------------------------------------
 
 
+@triton.jit
+def _load_x_tile(x_ptrs, K, mask, SILU_MUL):  # type: ignore[no-untyped-def]
+    # x's [BLOCK_M, BLOCK_K] tile in x's dtype. With SILU_MUL, rows of x are [gate | up] (2K
+    # wide) and the tile is silu(gate) * up with triton_ops.silu_and_mul's roundings: silu in
+    # fp32 rounded to x's dtype, times up in fp32, rounded again. Masked lanes give 0 either way.
+    if SILU_MUL:
+        gate = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(x_ptrs.dtype.element_ty).to(tl.float32)
+        xk = (act * up).to(x_ptrs.dtype.element_ty)
+    else:
+        xk = tl.load(x_ptrs, mask=mask, other=0.0)
+    return xk
+
+
+@triton.jit
+def _prefetch_w_l2(  # type: ignore[no-untyped-def]
+    w_ptr, w_rows, w_row_stride, k_start, k_end, NUM_TILES, BLOCK_K
+):
+    # One `prefetch` per 128-byte line of each of this program's first NUM_TILES W tiles: a
+    # [BLOCK_N, LINES] pointer grid, each pointer the first element of a line of a row (rows
+    # start 16-byte aligned, so a row of the tile spans LINES lines, or LINES + 1 when its
+    # start is not 128-byte aligned: the last, partial line is then left to the main loop).
+    # Columns are clamped into the slice, so no address leaves W. A hint only: nothing waits
+    # on it, and the result register of the asm is a dummy.
+    LINE: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    LINES: tl.constexpr = (BLOCK_K + LINE - 1) // LINE
+    line_cols = tl.arange(0, LINES) * LINE
+    for t in range(NUM_TILES):
+        cols = tl.minimum(k_start + t * BLOCK_K + line_cols, k_end - 1)
+        ptrs = w_ptr + w_rows[:, None] * w_row_stride + cols[None, :]
+        # Plain .L2 (evict_normal), not ::evict_last: the line is read by this program's main
+        # loop a few microseconds later, and every kernel's prefetches marked evict_last would
+        # outlive their use and crowd the L2 for activations and the KV cache.
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; // dummy $0",
+            "=r,l",
+            [ptrs],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
 @triton.jit(do_not_specialize=["M"])  # type: ignore[untyped-decorator]
 def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
@@ -150,7 +217,8 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
     b_ptr,
     y_ptr,
     y_row_stride,
-    y_split_stride,
+    ws_ptr,
+    counter_ptr,
     M,
     N,
     K,
@@ -163,9 +231,12 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    PREFETCH_TILES: tl.constexpr,
 ):
-    # Grid: axis 0 = column block * row blocks (row block fastest), axis 1 = K slice.
-    # M is not specialised (M = 1 would otherwise compile apart from M = 8 and 16).
+    # Grid: axis 0 = output tile = column block * row blocks (row block fastest), axis 1 = K
+    # slice. M is not specialised (M = 1 would otherwise compile apart from M = 8 and 16).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m_blocks = tl.cdiv(M, BLOCK_M)
@@ -189,6 +260,16 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
     w_ptrs = w_ptr + w_rows[:, None] * w_row_stride + (k_start + offs_k)[None, :]
     x_ptrs = x_ptr + x_rows[:, None] * x_row_stride + (k_start + offs_k)[None, :]
 
+    if USE_PDL:
+        # PDL (pdl.py): up to here only index math. W is constant, so its first tiles may be
+        # pulled into L2 while the previous kernel finishes; x, the workspace and the counters
+        # only after gdc_wait(), which returns once that kernel has completed and its writes
+        # are visible.
+        if PREFETCH_TILES > 0:
+            _prefetch_w_l2(w_ptr, w_rows, w_row_stride, k_start, k_end, PREFETCH_TILES, BLOCK_K)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -196,11 +277,11 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
     for k in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
-            xk = tl.load(x_ptrs, mask=m_mask, other=0.0)
+            xk = _load_x_tile(x_ptrs, K, m_mask, SILU_MUL)
         else:
             k_mask = (k + offs_k)[None, :] < K
             w = tl.load(w_ptrs, mask=k_mask, other=0.0)
-            xk = tl.load(x_ptrs, mask=m_mask & k_mask, other=0.0)
+            xk = _load_x_tile(x_ptrs, K, m_mask & k_mask, SILU_MUL)
         if USE_DOT:
             # Swap AB: W's tile is the MMA's M side, the (padded) rows of x its N side.
             acc = tl.dot(w, tl.trans(xk), acc, input_precision=PRECISION)
@@ -217,7 +298,36 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
     y_offs = offs_m.to(tl.int64)[None, :] * y_row_stride + offs_n[:, None]
     y_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     if SPLIT:
-        tl.store(y_ptr + pid_k.to(tl.int64) * y_split_stride + y_offs, out, mask=y_mask)
+        # Workspace [S, M, N] fp32, contiguous: this tile of slice s at ws_tile + s * M * N.
+        num_splits = tl.num_programs(1)
+        slice_elems = M.to(tl.int64) * N
+        ws_tile = ws_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        tl.store(ws_tile + pid_k * slice_elems, out, mask=y_mask)
+        # Arrival: the barrier orders every thread's partial before thread 0's counter update,
+        # whose release (gpu scope, cumulative over what the barrier made visible to thread 0)
+        # publishes the whole tile. The acquire half, with the barrier after it, lets every
+        # thread of the last arrival see all S partials.
+        tl.debug_barrier()
+        count = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if count == num_splits - 1:
+            # Last of the tile's S programs: sum the partials in slice order from 0 (the order
+            # fixes the rounding: bit for bit the former separate reduce kernel), bias in fp32,
+            # one cast.
+            # `.cg` reads from L2, never from this SM's L1, which is not coherent with the
+            # other SMs' stores; the loop is not pipelined (no cp.async copies into it).
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # BLOCK_M = 1 without dot
+            for s in tl.range(0, num_splits, num_stages=1):
+                total += tl.load(
+                    ws_tile + s * slice_elems, mask=y_mask, other=0.0, cache_modifier=".cg"
+                )
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+                total += bias[:, None]
+            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            # Every program of this tile has arrived: reset for the next call (or graph replay),
+            # which cannot start before this kernel completes (under PDL it waits in gdc_wait).
+            tl.store(counter_ptr + pid, 0)
     else:
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -225,29 +335,36 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
         tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
-def _split_k_reduce_kernel(  # type: ignore[no-untyped-def]
-    ws_ptr,
-    b_ptr,
-    y_ptr,
-    y_row_stride,
-    M,
-    N,
-    HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # Workspace [SPLIT_K, M, N] fp32, contiguous. Partials are summed in slice order, so the
-    # result does not depend on which program finished first.
-    row = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(ws_ptr + (s * M + row) * N + cols, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * y_row_stride + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
+# --- Split-K arrival counters -----------------------------------------------------------------
+
+# One zeroed int32 buffer per device, shared by every split-K call (calls on a device are stream
+# ordered, so they never overlap) and left all zero by each. Replaced by a larger one when a
+# grid outgrows it; the old one is kept alive, since a captured CUDA graph may still use it.
+_counters: dict[torch.device, torch.Tensor] = {}
+_retired_counters: list[torch.Tensor] = []
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
+    """The device's counter buffer, grown (outside graph capture only) to >= num_tiles."""
+    buf = _counters.get(device)
+    if buf is not None and buf.numel() >= num_tiles:
+        return buf
+    if _capturing(device):
+        have = 0 if buf is None else buf.numel()
+        raise RuntimeError(
+            f"skinny_linear: split-K needs {num_tiles} tile counters on {device} but {have} "
+            "exist, and they cannot be allocated during CUDA graph capture: run the same "
+            "shapes eagerly once before capturing (a warm-up)"
+        )
+    if buf is not None:
+        _retired_counters.append(buf)
+    size = max(_MIN_COUNTERS, triton.next_power_of_2(num_tiles))
+    buf = _counters[device] = torch.zeros(size, dtype=torch.int32, device=device)
+    return buf
 
 
 # --- Wrapper ----------------------------------------------------------------------------------
@@ -257,20 +374,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether skinny_linear takes these operands (else use F.linear).
+def supports(x: torch.Tensor, weight: torch.Tensor, *, act: Activation = "none") -> bool:
+    """Whether skinny_linear takes these operands (else use F.linear, after silu_and_mul for
+    act="silu_mul").
 
-    x [M, K] with 1 <= M <= 16 and K-contiguous rows, weight [N, K] with contiguous rows whose
-    starts are 16-byte aligned (K % 8 == 0 in half precision), both one float dtype, on CUDA
-    (or on the CPU under the Triton interpreter).
+    weight [N, K] with contiguous rows whose starts are 16-byte aligned (K % 8 == 0 in half
+    precision); x [M, K] (act="none") or [M, 2K] = [gate | up] (act="silu_mul") with
+    1 <= M <= 16 and K-contiguous rows; both one float dtype, on CUDA (or on the CPU under the
+    Triton interpreter).
     """
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+    if x.dim() != 2 or weight.dim() != 2 or act not in ("none", "silu_mul"):
+        return False
+    k = weight.shape[1]
+    if x.shape[1] != (2 * k if act == "silu_mul" else k):
         return False
     if x.dtype != weight.dtype or x.dtype not in _FLOAT_DTYPES or x.device != weight.device:
         return False
     if not (x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting())):
         return False
-    m, k = x.shape
+    m = x.shape[0]
     e = x.element_size()
     return (
         1 <= m <= MAX_ROWS
@@ -279,7 +401,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and (k * e) % 16 == 0
         and weight.stride(1) == 1
         and (weight.stride(0) * e) % 16 == 0
-        and (x.stride(1) == 1 or k == 1)
+        and (x.stride(1) == 1 or x.shape[1] == 1)
     )
 
 
@@ -288,22 +410,29 @@ def skinny_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
+    act: Activation = "none",
     out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """y = x @ weight^T + bias for x [M <= 16, K], weight [N, K], bias [N] → y [M, N] in x's dtype.
+    """y = act(x) @ weight^T + bias for weight [N, K], bias [N] → y [M, N] in x's dtype.
 
+    act="none": x is [M <= 16, K]. act="silu_mul": x is [M <= 16, 2K] = [gate | up] and act(x)
+    is silu(gate) * up, bit for bit triton_ops.silu_and_mul(x) (fused into the x loads).
     fp32 accumulation, bias added in fp32, one rounding to the output dtype (as F.linear). `out`
     (optional) is [M, N] in x's dtype with contiguous rows; it may be a column slice of a wider
     buffer. config=None picks default_config(M, N, K). Graph-safe: no host syncs; the split-K
-    workspace is a fresh torch.empty (a graph's private pool during capture).
+    workspace is a fresh torch.empty (a graph's private pool during capture), and the split-K
+    counters must exist before capture (any eager call of a split-K shape creates them).
+    Launched with PDL when pdl.enabled().
     """
+    assert act in ("none", "silu_mul"), act
     assert x.dim() == 2 and weight.dim() == 2, (x.shape, weight.shape)
-    M, K = x.shape
-    N = weight.shape[0]
-    assert weight.shape[1] == K, ("x and weight disagree on K", x.shape, weight.shape)
+    M = x.shape[0]
+    N, K = weight.shape
+    x_cols = 2 * K if act == "silu_mul" else K
+    assert x.shape[1] == x_cols, ("x and weight disagree on K", act, x.shape, weight.shape)
     assert x.dtype in _FLOAT_DTYPES and weight.dtype == x.dtype, (x.dtype, weight.dtype)
-    assert x.stride(1) == 1 or K == 1, ("x rows must be contiguous", x.stride())
+    assert x.stride(1) == 1 or x_cols == 1, ("x rows must be contiguous", x.stride())
     assert weight.stride(1) == 1, ("weight rows must be contiguous", weight.stride())
     assert M <= MAX_ROWS, ("skinny_linear takes at most 16 rows; use F.linear", M)
     assert x.device == weight.device, (x.device, weight.device)
@@ -324,7 +453,7 @@ def skinny_linear(
     assert cfg.block_k >= 16 and cfg.block_k == triton.next_power_of_2(cfg.block_k), cfg
     assert cfg.block_n == triton.next_power_of_2(cfg.block_n), cfg
     assert cfg.block_n >= 16 or not cfg.use_dot, ("tl.dot needs BLOCK_N >= 16", cfg)
-    assert cfg.split_k >= 1, cfg
+    assert cfg.split_k >= 1 and cfg.prefetch_tiles >= 0, cfg
 
     # Region map of K for split S: slices of `tiles_per_split` whole tiles, the last one short;
     # S is recomputed so that no slice is empty (S = 4 over 9 tiles gives 3 slices of 3).
@@ -332,24 +461,27 @@ def skinny_linear(
     tiles_per_split = triton.cdiv(k_tiles, min(cfg.split_k, k_tiles))
     split = triton.cdiv(k_tiles, tiles_per_split)
     k_per_split = tiles_per_split * cfg.block_k
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, cfg.block_n), split)
+    num_tiles = triton.cdiv(M, block_m) * triton.cdiv(N, cfg.block_n)
+    grid = (num_tiles, split)
     # tl.dot on fp32 defaults to TF32: ask for full fp32 products, like F.linear's default.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     if split > 1:
-        # Every (slice, row, col) of the workspace is written by the GEMM kernel: no zeroing.
+        # Every (slice, row, col) of the workspace is written before it is read: no zeroing.
         ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-        y, y_row_stride, y_split_stride = ws, N, M * N
+        counters = _tile_counters(x.device, num_tiles)
     else:
-        y, y_row_stride, y_split_stride = out, out.stride(0), 0
+        ws = counters = out  # unread when SPLIT is False
+    use_pdl = pdl.enabled()
     _skinny_gemm_kernel[grid](
         x,
         x.stride(0),
         weight,
         weight.stride(0),
         x if bias is None else bias,  # unread when HAS_BIAS is False
-        y,
-        y_row_stride,
-        y_split_stride,
+        out,
+        out.stride(0),
+        ws,
+        counters,
         M,
         N,
         K,
@@ -362,20 +494,11 @@ def skinny_linear(
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        SILU_MUL=act == "silu_mul",
+        USE_PDL=use_pdl,
+        PREFETCH_TILES=cfg.prefetch_tiles if use_pdl else 0,  # one compile when PDL is off
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl.launch_kwargs(),
     )
-    if split > 1:
-        _split_k_reduce_kernel[(triton.cdiv(N, _REDUCE_BLOCK), M)](
-            ws,
-            x if bias is None else bias,
-            out,
-            out.stride(0),
-            M,
-            N,
-            HAS_BIAS=bias is not None,
-            SPLIT_K=split,
-            BLOCK=_REDUCE_BLOCK,
-            num_warps=4,
-        )
     return out

@@ -11,6 +11,10 @@ prefill sizes, row * stride overflows int32 (e.g. 64k tokens x 32k intermediate)
     rotary_embedding(positions, q, k, cos_half, sin_half, inplace=...) -> (q_rot, k_rot)
     silu_and_mul(x)                                -> silu(x[..., :I]) * x[..., I:]
     write_kv_cache(key, value, k_cache, v_cache, slot_mapping)  (slots < 0 are padding, skipped)
+The attention prologue fused into one launch (norm, RoPE, KV write) is triton_prologue.py.
+
+Every kernel takes a constexpr USE_PDL (pdl.py): compiled with it, a program does only index math
+and weight reads, then gdc_wait(), then gdc_launch_dependents(), then everything else.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels import pdl
+
 # Triton ships no type information, and mypy 2.x applies pyproject's `strict` override to this
-# module too, so each @triton.jit kernel carries two narrow ignores rather than annotations on its
-# arguments (Triton reads those annotations and would specialise on them).
+# module too, so each @triton.jit kernel with constexpr parameters carries two narrow ignores
+# rather than annotations on its arguments (Triton reads those and would specialise on them).
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,11 +54,16 @@ def _rms_norm_kernel(  # type: ignore[no-untyped-def]
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # One program per row; the whole row lives in registers, so x (and residual) are read once.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: before the wait
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         res_ptrs = res_ptr + row * res_row_stride + cols
@@ -67,7 +78,6 @@ def _rms_norm_kernel(  # type: ignore[no-untyped-def]
     normed = x * tl.rsqrt(variance + eps)
     # HF casts the normalised value to the input dtype before the weight multiply; so do we.
     normed = normed.to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * out_row_stride + cols, (normed * w).to(out_ptr.dtype.element_ty), mask)
 
 
@@ -109,7 +119,9 @@ def _launch_rms_norm(
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK_N=block_n,
+        USE_PDL=pdl.enabled(),
         num_warps=_num_warps(block_n),
+        **pdl.launch_kwargs(),
     )
 
 
@@ -148,6 +160,13 @@ def fused_add_rms_norm(
 # --- Rotary embedding (neox: dim i pairs with i + D/2) ----------------------------------------
 
 
+@triton.jit  # no annotations at all: nothing for mypy to flag on the decorator
+def _rope_halves(x1, x2, cos, sin):  # type: ignore[no-untyped-def]
+    # x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1], in float32. Shared
+    # by both RoPE kernels: the same expression compiles to the same (FMA-contracted) arithmetic.
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
 @triton.jit  # type: ignore[untyped-decorator]
 def _rotate_heads(  # type: ignore[no-untyped-def]
     in_ptr,
@@ -169,10 +188,10 @@ def _rotate_heads(  # type: ignore[no-untyped-def]
         src = in_ptr + h * in_head_stride + d
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-        # x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1].
+        o1, o2 = _rope_halves(x1, x2, cos, sin)
         dst = out_ptr + h * out_head_stride + d
-        tl.store(dst, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst, o1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -198,11 +217,15 @@ def _rope_kernel(  # type: ignore[no-untyped-def]
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # Head counts are constexpr (fixed per model, so one compile): the head loops unroll, and
     # the interpreter cannot pass a run-time loop bound into a nested jit function.
     # One program per token: its cos/sin row is gathered once and shared by all q and k heads.
     tok = tl.program_id(0).to(tl.int64)
+    if USE_PDL:  # positions are refilled by the host every step: read them after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
     cs_mask = d < HALF
@@ -242,6 +265,19 @@ def _check_heads(name: str, t: torch.Tensor, num_tokens: int, head_dim: int) -> 
     assert t.dtype in _FLOAT_DTYPES, (name, t.dtype)
 
 
+def _check_index(name: str, t: torch.Tensor, num_tokens: int) -> None:
+    """positions / slot_mapping: [T] int32 or int64, contiguous."""
+    assert t.shape == (num_tokens,), (name, t.shape, num_tokens)
+    assert t.dtype in (torch.int32, torch.int64), (name, t.dtype)
+    assert t.stride(0) == 1 or num_tokens <= 1, (name, t.stride())
+
+
+def _check_tables(cos_half: torch.Tensor, sin_half: torch.Tensor, head_dim: int) -> None:
+    assert cos_half.dim() == 2 and cos_half.shape[1] == head_dim // 2, (cos_half.shape, head_dim)
+    assert sin_half.shape == cos_half.shape and sin_half.stride() == cos_half.stride()
+    assert cos_half.stride(1) == 1, cos_half.stride()
+
+
 def rotary_embedding(
     positions: torch.Tensor,
     q: torch.Tensor,
@@ -265,12 +301,8 @@ def rotary_embedding(
     _check_heads("q", q, num_tokens, head_dim)
     _check_heads("k", k, num_tokens, head_dim)
     assert k.dtype == q.dtype, (q.dtype, k.dtype)
-    assert positions.shape == (num_tokens,), (positions.shape, num_tokens)
-    assert positions.dtype in (torch.int32, torch.int64), positions.dtype
-    assert positions.stride(0) == 1 or num_tokens <= 1, positions.stride()
-    assert cos_half.dim() == 2 and cos_half.shape[1] == half, (cos_half.shape, head_dim)
-    assert sin_half.shape == cos_half.shape and sin_half.stride() == cos_half.stride()
-    assert cos_half.stride(1) == 1, cos_half.stride()
+    _check_index("positions", positions, num_tokens)
+    _check_tables(cos_half, sin_half, head_dim)
     assert q.device == k.device == positions.device == cos_half.device == sin_half.device
     if inplace:
         q_out, k_out = q, k
@@ -305,7 +337,9 @@ def rotary_embedding(
         HALF=half,
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
+        USE_PDL=pdl.enabled(),
         num_warps=_num_warps(block_h * block_half),
+        **pdl.launch_kwargs(),
     )
     return q_out, k_out
 
@@ -315,11 +349,14 @@ def rotary_embedding(
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _silu_and_mul_kernel(  # type: ignore[no-untyped-def]
-    x_ptr, x_row_stride, out_ptr, out_row_stride, n_cols, BLOCK: tl.constexpr
+    x_ptr, x_row_stride, out_ptr, out_row_stride, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     gate_ptrs = x_ptr + row * x_row_stride + cols
     gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_ptrs + n_cols, mask=mask, other=0.0).to(tl.float32)
@@ -345,7 +382,15 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
     block = min(1024, triton.next_power_of_2(n_cols))
     grid = (n_rows, triton.cdiv(n_cols, block))
     _silu_and_mul_kernel[grid](
-        rows, rows.stride(0), out, n_cols, n_cols, BLOCK=block, num_warps=_num_warps(block)
+        rows,
+        rows.stride(0),
+        out,
+        n_cols,
+        n_cols,
+        BLOCK=block,
+        USE_PDL=pdl.enabled(),
+        num_warps=_num_warps(block),
+        **pdl.launch_kwargs(),
     )
     return out
 
@@ -370,8 +415,12 @@ def _write_kv_kernel(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
+    if USE_PDL:  # the slot mapping is refilled by the host every step: read it after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     # slot < 0 marks padding (CUDA-graph batches padded to a captured size): nothing is read or
     # written, via the mask, so padded rows never clobber a live sequence's cache.
@@ -386,6 +435,19 @@ def _write_kv_kernel(  # type: ignore[no-untyped-def]
         tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         v = tl.load(value_ptr + tok * value_tok_stride + h * value_head_stride + d, mask=mask)
         tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_caches(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, head_dim: int
+) -> None:
+    assert k_cache.dim() == 4 and k_cache.shape[2:] == (num_heads, head_dim), (k_cache.shape,)
+    assert v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride()
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in _FLOAT_DTYPES, k_cache.dtype
+    block_size = k_cache.shape[1]
+    # Flat slot addressing needs blocks laid end to end and head_dim contiguous.
+    assert k_cache.stride(3) == 1 and k_cache.stride(0) == block_size * k_cache.stride(1), (
+        k_cache.stride()
+    )
 
 
 def write_kv_cache(
@@ -404,17 +466,8 @@ def write_kv_cache(
     _check_heads("key", key, num_tokens, head_dim)
     _check_heads("value", value, num_tokens, head_dim)
     assert value.shape == key.shape, (value.shape, key.shape)
-    assert k_cache.dim() == 4 and k_cache.shape[2:] == (num_heads, head_dim), (k_cache.shape,)
-    assert v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride()
-    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in _FLOAT_DTYPES, k_cache.dtype
-    block_size = k_cache.shape[1]
-    # Flat slot addressing needs blocks laid end to end and head_dim contiguous.
-    assert k_cache.stride(3) == 1 and k_cache.stride(0) == block_size * k_cache.stride(1), (
-        k_cache.stride()
-    )
-    assert slot_mapping.shape == (num_tokens,), (slot_mapping.shape, num_tokens)
-    assert slot_mapping.dtype in (torch.int32, torch.int64), slot_mapping.dtype
-    assert slot_mapping.stride(0) == 1 or num_tokens <= 1, slot_mapping.stride()
+    _check_caches(k_cache, v_cache, num_heads, head_dim)
+    _check_index("slot_mapping", slot_mapping, num_tokens)
     assert key.device == value.device == k_cache.device == v_cache.device == slot_mapping.device
     if num_tokens == 0:
         return
@@ -436,5 +489,7 @@ def write_kv_cache(
         HEAD_DIM=head_dim,
         BLOCK_H=block_h,
         BLOCK_D=block_d,
+        USE_PDL=pdl.enabled(),
         num_warps=_num_warps(block_h * block_d),
+        **pdl.launch_kwargs(),
     )

@@ -39,6 +39,18 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         default=0.9,
         help="CUDA: fraction of the device for weights + KV + graphs (KV pool auto-sizing)",
     )
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch step N+1 before collecting step N's tokens (default: on for CUDA)",
+    )
+    p.add_argument(
+        "--pdl",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA: programmatic dependent launch of the Triton kernels (default: on sm_90+)",
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -63,6 +75,8 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         device=a.device,
         enforce_eager=a.enforce_eager,
         attention_backend=a.attention_backend,
+        async_scheduling=a.async_scheduling,
+        pdl=a.pdl,
         max_model_len=a.max_model_len,
         cache=cache,
         scheduler=SchedulerConfig(
@@ -238,6 +252,9 @@ def _engine_flags(a: argparse.Namespace) -> tuple[str, ...]:
     ]
     if a.enforce_eager:
         flags.append("--enforce-eager")
+    for name, value in (("async-scheduling", a.async_scheduling), ("pdl", a.pdl)):
+        if value is not None:
+            flags.append(f"--{name}" if value else f"--no-{name}")
     if a.max_model_len is not None:
         flags += ["--max-model-len", str(a.max_model_len)]
     return tuple(flags)

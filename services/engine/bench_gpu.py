@@ -7,7 +7,8 @@ Measures, on random-weight models built from real configs (dummy:<name>), bf16:
   decode b=1  engine tok/s at 1k context, CUDA graphs on, against the roofline
               (weight bytes read per step + live KV) / copy bandwidth; and where the step's
               time goes: engine step (wall) vs graph replay alone (GPU) vs the step's GEMMs
-              alone (a graph of just them) vs the ideal byte time
+              alone (a graph of just them) vs the ideal byte time; then the first model again
+              with PDL off, with async scheduling off, and with both off
   decode b=B  steady-state tok/s at batch 16, 64, 256 with 1k context against the analytic
               bound (weights + every sequence's live KV) / bandwidth
   prefill     tok/s and MFU (model FLOPs incl. causal attention / measured matmul peak) of one
@@ -86,7 +87,8 @@ def matmul_peak() -> tuple[float, dict[str, float]]:
     return max(results.values()) * 1e12, results
 
 
-def _engine(model: str, max_num_seqs: int, max_len: int) -> LLMEngine:
+def _engine(model: str, max_num_seqs: int, max_len: int, **options: Any) -> LLMEngine:
+    """options: EngineConfig fields (async_scheduling, pdl) for the variants."""
     config = EngineConfig(
         model=f"dummy:{model}",
         dtype="bfloat16",
@@ -94,6 +96,7 @@ def _engine(model: str, max_num_seqs: int, max_len: int) -> LLMEngine:
         max_model_len=max_len,
         cache=CacheConfig(block_size=16, enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=8192),
+        **options,
     )
     return LLMEngine.from_config(config)
 
@@ -113,43 +116,77 @@ def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def decode(engine: LLMEngine, batch: int, new_tokens: int, seed: int) -> dict[str, float]:
-    """Run `batch` requests of DECODE_CONTEXT prompt tokens; time the all-decode steps.
+    """Run `batch` requests of DECODE_CONTEXT prompt tokens; time `new_tokens` decode steps.
 
-    Prefills take batch * DECODE_CONTEXT / budget steps, while the first requests already
-    decode; max_tokens covers those steps too, so that every request then decodes together
-    for about new_tokens steps (the ones timed).
+    Once every request is prefilled and decoding, a few warm-up steps, then the timed window:
+    consecutive engine steps with no sync between them (wall time / steps: under async
+    scheduling a step's tokens are collected by the next one, so only a window measures it).
+    Every timed step must be one graph replay of the full batch. Then the graph alone is timed
+    on the last step's buffers (a replay rewrites the same KV slots with the same values).
     """
     graphs = engine.core.runner.graphs
     assert graphs is not None
-    budget = engine.config.scheduler.max_num_batched_tokens
-    prefill_steps = -(-batch * DECODE_CONTEXT // budget) + 1
-    params = SamplingParams(temperature=0, max_tokens=new_tokens + prefill_steps, ignore_eos=True)
-    for prompt in _prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, seed):
-        engine.add_request(prompt, params)
-    steps: list[float] = []
     bucket = graphs.bucket_for(batch)
     assert bucket is not None
-    replay_ms = 0.0
-    while engine.has_unfinished_requests():
-        replays = graphs.num_replays
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+    warmup = 4
+    params = SamplingParams(
+        temperature=0, max_tokens=new_tokens + warmup + 8 + batch, ignore_eos=True
+    )
+    ids = [
+        engine.add_request(prompt, params)
+        for prompt in _prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, seed)
+    ]
+    scheduler = engine.core.scheduler
+    while not (
+        len(scheduler.running) == batch
+        and all(r.num_computed_tokens >= r.num_prompt_tokens for r in scheduler.running)
+    ):
         engine.step()
-        elapsed = time.perf_counter() - start
-        if graphs.num_replays > replays and engine.core.last_num_scheduled_tokens == batch:
-            steps.append(elapsed)
-            if len(steps) == 4:
-                # The graph alone on this full step's buffers (a replay rewrites the same KV
-                # slots with the same values): the step without the engine's host work.
-                replay_ms = _cuda_ms(lambda: graphs.replay(bucket), iters=20)
-    step_s = statistics.median(steps[2:])
+    for _ in range(warmup):
+        engine.step()
+    torch.cuda.synchronize()
+    replays = graphs.num_replays
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        engine.step()
+    torch.cuda.synchronize()
+    step_s = (time.perf_counter() - start) / new_tokens
+    assert graphs.num_replays - replays == new_tokens, "a timed step was not a full graph step"
+    context = scheduler.running[0].num_tokens
+    replay_ms = _cuda_ms(lambda: graphs.replay(bucket), iters=20)
+    engine.abort_request(ids)
+    while engine.core.has_unfinished():
+        engine.core.step()
     return {
         "batch": batch,
-        "context": DECODE_CONTEXT + prefill_steps + new_tokens // 2,
+        "context": context - new_tokens // 2,
         "step_ms": step_s * 1e3,
         "replay_ms": replay_ms,
         "tok_s": batch / step_s,
     }
+
+
+def decode_variants(model: str, bandwidth: float, weights: int) -> list[dict[str, Any]]:
+    """Batch-1 decode with one feature off at a time: what PDL and async scheduling buy."""
+    rows = []
+    variants = {
+        "no PDL": {"pdl": False},
+        "sync": {"async_scheduling": False},
+        "sync, no PDL": {"async_scheduling": False, "pdl": False},
+    }
+    for name, options in variants.items():
+        engine = _engine(model, 1, 2048, **options)
+        r: dict[str, Any] = dict(decode(engine, 1, new_tokens=128, seed=7))
+        kv = r["context"] * kv_bytes_per_block(engine.arch, 1, torch.bfloat16)
+        r["variant"] = name
+        r["bound_tok_s"] = bandwidth / (weights + kv)
+        r["fraction"] = r["tok_s"] / r["bound_tok_s"]
+        rows.append(r)
+        print(f"{model} decode b=1 {name}: {r}", flush=True)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
 
 
 def gemm_only_ms(engine: LLMEngine, batch: int) -> float:
@@ -206,16 +243,21 @@ def prefill(engine: LLMEngine, length: int, peak: float) -> dict[str, float]:
 
 
 def bench_model(
-    model: str, bandwidth: float, peak: float, batches: list[int], prefills: list[int]
+    model: str,
+    bandwidth: float,
+    peak: float,
+    batches: list[int],
+    prefills: list[int],
+    variants: bool = False,
 ) -> dict[str, Any]:
     max_batch = max([1, *batches])
-    engine = _engine(model, max_batch, max(8192, *prefills) + 64)
+    engine = _engine(model, max_batch, max([8192, *prefills]) + 64)
     arch = engine.arch
     weights = _weight_bytes_per_step(engine)
     kv_per_token = kv_bytes_per_block(arch, 1, torch.bfloat16)
     out: dict[str, Any] = {"model": model, "weight_bytes": weights, "decode": []}
     for i, batch in enumerate([1, *batches]):
-        r = decode(engine, batch, new_tokens=64 if batch == 1 else 32, seed=i)
+        r = decode(engine, batch, new_tokens=128 if batch == 1 else 32, seed=i)
         bytes_per_step = weights + batch * r["context"] * kv_per_token
         r["bound_tok_s"] = batch * bandwidth / bytes_per_step
         r["fraction"] = r["tok_s"] / r["bound_tok_s"]
@@ -231,6 +273,8 @@ def bench_model(
     del engine
     gc.collect()
     torch.cuda.empty_cache()
+    if variants:
+        out["variants"] = decode_variants(model, bandwidth, weights)
     return out
 
 
@@ -256,11 +300,49 @@ def profile_host(model: str, batch: int) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
+def profile_kernels(model: str, batch: int, pdl: bool, replays: int = 10) -> None:
+    """Per-kernel GPU time inside one decode graph replay at `batch` (torch.profiler/CUPTI):
+    where the step's time goes, and how much of it is gaps between kernels. With PDL a
+    kernel's time includes its wait for the one before: profile without it for durations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = _engine(model, batch, 8192 + 64, pdl=pdl)  # as bench_model builds it
+    graphs = engine.core.runner.graphs
+    assert graphs is not None
+    bucket = graphs.bucket_for(batch)
+    assert bucket is not None
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    for prompt in _prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, 0):
+        engine.add_request(prompt, params)
+    for _ in range(8):
+        engine.step()
+    wall_ms = _cuda_ms(lambda: graphs.replay(bucket), iters=20)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graphs.replay(bucket)
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            by_name.setdefault(event.name, []).append(event.device_time)
+    total = sum(sum(v) for v in by_name.values()) / replays / 1e3
+    print(
+        f"\n{model} b={batch} PDL {'on' if pdl else 'off'}: graph replay {wall_ms:.3f} ms, "
+        f"kernels {total:.3f} ms busy"
+    )
+    print(f"{'kernel':<60}{'per step':>9}{'avg us':>9}{'ms/step':>9}")
+    for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+        print(
+            f"{name[:59]:<60}{len(times) / replays:>9.0f}{statistics.mean(times):>9.2f}"
+            f"{sum(times) / replays / 1e3:>9.3f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--models", nargs="+", default=["llama-3.1-8b", "qwen3-8b"])
-    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
-    parser.add_argument("--prefills", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--batches", type=int, nargs="*", default=[16, 64, 256])
+    parser.add_argument("--prefills", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument(
@@ -270,9 +352,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="B",
         help="only profile the engine's host work (cProfile) over decode steps at batch B",
     )
+    parser.add_argument(
+        "--profile-kernels",
+        type=int,
+        default=0,
+        metavar="B",
+        help="only print per-kernel GPU time of a decode graph replay at batch B",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device, nothing to measure")
+        return 0
+    if args.profile_kernels:
+        for pdl in (False, True):
+            profile_kernels(args.models[0], args.profile_kernels, pdl)
+            gc.collect()
+            torch.cuda.empty_cache()
         return 0
     if args.profile_host:
         profile_host(args.models[0], args.profile_host)
@@ -281,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth()
     peak, gemms = matmul_peak()
     print(f"copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {gemms}", flush=True)
-    models = [bench_model(m, bandwidth, peak, args.batches, args.prefills) for m in args.models]
+    models = [
+        bench_model(m, bandwidth, peak, args.batches, args.prefills, variants=i == 0)
+        for i, m in enumerate(args.models)
+    ]
     attention: list[dict[str, Any]] = []
     if not args.skip_attention:
         from baton.kernels.bench_attention import bench_one
@@ -318,6 +416,12 @@ def _print_table(r: dict[str, Any]) -> None:
                 f"{m['model']:<14}{'decode b=' + str(d['batch']):<18}{d['tok_s']:>10.1f}"
                 f"{d['bound_tok_s']:>10.1f}{d['fraction']:>9.1%}{d['step_ms']:>9.2f}"
                 f"{d['replay_ms']:>9.2f}{d['gemm_ms']:>9.2f}{d['ideal_ms']:>9.2f}"
+            )
+        for v in m.get("variants", []):
+            print(
+                f"{m['model']:<14}{'b=1 ' + v['variant']:<18}{v['tok_s']:>10.1f}"
+                f"{v['bound_tok_s']:>10.1f}{v['fraction']:>9.1%}{v['step_ms']:>9.2f}"
+                f"{v['replay_ms']:>9.2f}"
             )
         for p in m["prefill"]:
             what = f"prefill {p['prompt']}"

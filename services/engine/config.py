@@ -70,6 +70,12 @@ class EngineConfig:
     """CUDA: run every step eagerly, capturing no CUDA graphs."""
     cuda_graph_max_batch: int | None = None
     """Largest decode batch replayed from a CUDA graph; None = scheduler.max_num_seqs."""
+    async_scheduling: bool | None = None
+    """Schedule and launch step N+1 while step N runs (outputs trail by one step); None = on
+    for CUDA, off on CPU (where the forward runs on the host thread: nothing to overlap)."""
+    pdl: bool | None = None
+    """CUDA: launch Triton kernels with programmatic dependent launch; None = where supported
+    (Hopper and later)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -79,6 +85,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be 'triton' or 'flashinfer', got {backend!r}")
         if self.device == "auto":
             object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+        if self.async_scheduling is None:
+            object.__setattr__(self, "async_scheduling", self.device.startswith("cuda"))
 
     @property
     def graph_max_batch(self) -> int:

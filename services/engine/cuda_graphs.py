@@ -6,7 +6,8 @@ forward plus the LM head, captured once at start-up. A step copies its inputs in
 buffers (two host-to-device copies), pads the batch to its bucket, replays, and hands the logits
 to the sampler, which runs eagerly (its work depends on the requests' sampling parameters).
 
-Static buffers (all on the device, shared by every bucket; a bucket b uses the first b rows):
+Static buffers (all on the device, shared by every bucket; a bucket b uses the first b rows),
+filled from pinned host copies without a stream sync:
     ints    [4, max_batch] int64: input_ids | positions | slot_mapping | seq_lens
     tables  [max_batch, max_blocks_per_seq] int32: block tables (columns past a row's length
             are stale, never read: the kernels stop at seq_len)
@@ -23,9 +24,9 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from baton.services.engine.layers.attention import AttentionMetadata
@@ -83,7 +84,15 @@ class DecodeGraphs:
         self._tables = torch.zeros(
             self.max_batch, self.max_blocks, dtype=torch.int32, device=device
         )
-        self._host_tables = np.zeros((self.max_batch, self.max_blocks), dtype=np.int32)
+        # Pinned staging, two of each: a step's copies may still be queued behind the step
+        # before it when the host fills the next step's (async scheduling keeps one in flight).
+        self._host_ints = [
+            torch.zeros(4, self.max_batch, dtype=torch.int64, pin_memory=True) for _ in range(2)
+        ]
+        self._host_tables = [
+            torch.zeros(self.max_batch, self.max_blocks, dtype=torch.int32, pin_memory=True)
+            for _ in range(2)
+        ]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._metas: dict[int, AttentionMetadata] = {}
@@ -143,30 +152,33 @@ class DecodeGraphs:
     def fits(self, batch: DecodeBatch) -> bool:
         return self.bucket_for(len(batch.input_ids)) is not None
 
-    def run(self, batch: DecodeBatch) -> torch.Tensor:
+    def run(
+        self, batch: DecodeBatch, carry: Callable[[torch.Tensor], object] | None = None
+    ) -> torch.Tensor:
         """Replay the bucket for this batch; returns its logits [batch, vocab] (fp32).
 
-        The returned tensor is the graph's output buffer: read it before the next run.
+        `carry`, if given, writes input ids that live on the device (the previous step's
+        samples) into the input-id buffer after the host's copy. The returned tensor is the
+        graph's output buffer: read it before the next run.
         """
         n = len(batch.input_ids)
         bucket = self.bucket_for(n)
         assert bucket is not None and self._graphs, (n, self.max_batch)
-        pad = bucket - n
-        host = torch.tensor(
-            [
-                batch.input_ids + [0] * pad,
-                batch.positions + [0] * pad,
-                batch.slots + [-1] * pad,
-                batch.seq_lens + [0] * pad,
-            ],
-            dtype=torch.int64,
-        )
+        side = self.num_replays % 2
+        ints = self._host_ints[side].numpy()
+        ints[0, :n] = batch.input_ids
+        ints[1, :n] = batch.positions
+        ints[2, :n] = batch.slots
+        ints[3, :n] = batch.seq_lens
+        ints[:, n:bucket] = ((0,), (0,), (-1,), (0,))  # padding rows
         width = max(len(t) for t in batch.block_tables)
-        tables = self._host_tables[:n, :width]
+        tables = self._host_tables[side].numpy()
         for row, table in enumerate(batch.block_tables):
             tables[row, : len(table)] = table
-        self._ints[:, :bucket].copy_(host, non_blocking=True)
-        self._tables[:n, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        self._ints[:, :bucket].copy_(self._host_ints[side][:, :bucket], non_blocking=True)
+        self._tables[:n, :width].copy_(self._host_tables[side][:n, :width], non_blocking=True)
+        if carry is not None:
+            carry(self._ints[0])
         self._graphs[bucket].replay()
         self.num_replays += 1
         return self._logits[bucket][:n]

@@ -11,9 +11,9 @@ from baton.services.engine.kv_cache_manager import KVCacheManager
 from baton.services.engine.models.base import CausalLM
 from baton.services.engine.outputs import EngineStats
 from baton.services.engine.request import Request, RequestStatus
-from baton.services.engine.runner import ModelRunner, kv_bytes_per_block
+from baton.services.engine.runner import ModelRunner, PendingStep, kv_bytes_per_block
 from baton.services.engine.scheduler import Scheduler
-from baton.services.engine.step_io import EngineCoreOutput
+from baton.services.engine.step_io import EngineCoreOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,12 @@ class EngineCore:
         *,
         graph_max_batch: int = 0,
         attention_backend: str = "triton",
+        async_scheduling: bool = False,
+        pdl: bool | None = None,
     ) -> None:
-        """graph_max_batch > 0 (CUDA): capture decode CUDA graphs up to that batch size."""
+        """graph_max_batch > 0 (CUDA): capture decode CUDA graphs up to that batch size.
+        async_scheduling: schedule and launch step N+1 before collecting step N's tokens.
+        pdl: launch Triton kernels with programmatic dependent launch (None: where supported)."""
         num_blocks = cache.num_blocks
         if num_blocks is None:
             pool_bytes = cache.kv_cache_memory_bytes
@@ -89,9 +93,14 @@ class EngineCore:
             cuda_graph_max_batch=min(graph_max_batch, scheduler.max_num_seqs),
             max_model_len=max_model_len,
             attention_backend=attention_backend,
+            pdl=pdl,
         )
+        self.async_scheduling = async_scheduling
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
+        """Async scheduling: the launched step whose tokens the next step() collects."""
         self.last_num_scheduled_tokens = 0
-        """Tokens computed by the last step: 0 means the engine had nothing it could run."""
+        """Tokens the last step launched or collected: 0 means the engine had nothing it
+        could run."""
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -100,16 +109,31 @@ class EngineCore:
         return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def step(self) -> list[EngineCoreOutput]:
-        """schedule → execute → update. An empty schedule still tells the runner what ended."""
+        """schedule → launch → collect → update. An empty schedule still tells the runner
+        what ended.
+
+        Synchronous: the step's own tokens come back. Async scheduling: this step is launched,
+        then the previous one is collected and its tokens come back, so the host's scheduling
+        and output work overlaps the GPU's forward (outputs trail by one step; a request that
+        stops has computed one token more, which is dropped).
+        """
         scheduled = self.scheduler.schedule()
+        pending = self.runner.launch(scheduled)
+        if not self.async_scheduling:
+            self.last_num_scheduled_tokens = scheduled.total_num_scheduled_tokens
+            if pending is None:
+                return []
+            return self.scheduler.update_from_output(scheduled, self.runner.collect(pending))
+        previous = self._in_flight
+        self._in_flight = None if pending is None else (scheduled, pending)
         self.last_num_scheduled_tokens = scheduled.total_num_scheduled_tokens
-        result = self.runner.execute(scheduled)
-        if scheduled.is_empty:
+        if previous is None:
             return []
-        return self.scheduler.update_from_output(scheduled, result)
+        self.last_num_scheduled_tokens += previous[0].total_num_scheduled_tokens
+        return self.scheduler.update_from_output(previous[0], self.runner.collect(previous[1]))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
     def stats(self) -> EngineStats:
         return EngineStats(

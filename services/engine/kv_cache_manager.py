@@ -92,15 +92,17 @@ class KVCacheManager:
         held.extend(new)
         return new
 
-    def cache_computed(self, request: Request) -> None:
-        """Publish the request's full blocks whose KV has been computed."""
+    def cache_computed(self, request: Request, num_computed: int | None = None) -> None:
+        """Publish the request's full blocks whose KV has been computed: its first
+        `num_computed` tokens (default: request.num_computed_tokens, which also counts tokens
+        of steps still in flight)."""
         held = self._blocks.get(request.request_id)
         if held is None:
             return
+        if num_computed is None:
+            num_computed = request.num_computed_tokens
         start = self._num_published.get(request.request_id, 0)
-        end = min(
-            request.num_computed_tokens // self.block_size, len(request.block_hashes), len(held)
-        )
+        end = min(num_computed // self.block_size, len(request.block_hashes), len(held))
         for i in range(start, end):
             parent = request.block_hashes[i - 1] if i > 0 else None
             self.pool.cache(held[i], request.block_hashes[i], parent)

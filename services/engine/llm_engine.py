@@ -91,6 +91,8 @@ class LLMEngine:
             torch.device(config.device),
             graph_max_batch=config.graph_max_batch,
             attention_backend=config.attention_backend,
+            async_scheduling=bool(config.async_scheduling),
+            pdl=config.pdl,
         )
         self.max_model_len = self.core.max_model_len
         self.eos_token_ids = tuple(loaded.arch.eos_token_ids) or (

@@ -78,6 +78,9 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         """Tokens whose KV is in this request's blocks (or scheduled to be, this step)."""
+        self.num_output_placeholders = 0
+        """Tokens a step in flight is sampling for this request, not yet appended (async
+        scheduling schedules the next step before the last one's tokens are known)."""
         self.num_cached_tokens = -1
         """Prompt tokens served from the prefix cache at first admission (-1 = not yet)."""
         self.wait_for = wait_for

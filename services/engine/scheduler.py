@@ -11,6 +11,7 @@ outputs (hitting the prefix cache where its blocks survived) and carries on.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable
 
 from baton.services.engine.config import SchedulerConfig
@@ -46,6 +47,9 @@ class Scheduler:
         self._unsent: set[str] = set()
         """Running requests the runner has not seen yet (admitted through remote KV)."""
         self.held: dict[str, tuple[Request, tuple[int, ...]]] = {}
+        self._unreported: deque[SchedulerOutput] = deque()
+        """Scheduled steps whose results update_from_output has not seen yet, oldest first (two
+        at most under async scheduling: one being collected, one running)."""
 
     # ---- admission and abort -------------------------------------------------------------
 
@@ -158,6 +162,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if self._done_when_in_flight_lands(request):
+                i += 1  # its last token is being sampled: nothing more to compute
+                continue
             num_new = self._num_tokens_to_compute(request, request.num_computed_tokens, budget)
             new_blocks = self.kv.allocate(request, num_new)
             while new_blocks is None:
@@ -189,31 +196,47 @@ class Scheduler:
             budget = self._admit(budget, num_scheduled, new)
 
         for request_id, num_new in num_scheduled.items():
-            self.requests[request_id].num_computed_tokens += num_new
+            request = self.requests[request_id]
+            request.num_computed_tokens += num_new
+            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1  # this step samples its next token
         finished, self._finished_ids = self._finished_ids, set()
-        return SchedulerOutput(
+        out = SchedulerOutput(
             new_requests=tuple(new),
             cached_requests=tuple(cached),
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_request_ids=frozenset(finished),
         )
+        if not out.is_empty:
+            self._unreported.append(out)
+        return out
 
     def update_from_output(
         self, scheduled: SchedulerOutput, result: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Record sampled tokens, publish computed blocks, and end requests that stop."""
+        """Record sampled tokens, publish computed blocks, and end requests that stop.
+
+        Steps are reported in the order they were scheduled. Under async scheduling a later
+        step is already running: its tokens are counted in num_computed_tokens but their KV is
+        not written yet, so they are not published here.
+        """
+        if self._unreported and self._unreported[0] is scheduled:
+            self._unreported.popleft()
         outputs = []
         now = time.monotonic()
         for request_id in scheduled.num_scheduled_tokens:
             request = self.requests.get(request_id)
             if request is None:
-                continue  # aborted while the step ran
-            self.kv.cache_computed(request)
+                continue  # ended (abort, stop) while the step ran: its result is dropped
+            in_flight = sum(s.num_scheduled_tokens.get(request_id, 0) for s in self._unreported)
             token_id = result.sampled_token_ids.get(request_id)
+            if token_id is not None:
+                request.num_output_placeholders = max(request.num_output_placeholders - 1, 0)
+                request.append_output_token(token_id)
+            self.kv.cache_computed(request, request.num_computed_tokens - in_flight)
             if token_id is None:
                 continue  # mid-prefill chunk: nothing to report yet
-            request.append_output_token(token_id)
             if request.timings.first_token_s is None:
                 request.timings.first_token_s = now
             request.timings.last_token_s = now
@@ -316,8 +339,17 @@ class Scheduler:
             eos_token_ids=request.eos_token_ids,
         )
 
+    def _done_when_in_flight_lands(self, request: Request) -> bool:
+        """A token in flight will end the request by length: schedule nothing more for it."""
+        if not request.num_output_placeholders:
+            return False
+        num_tokens = request.num_tokens + request.num_output_placeholders
+        num_outputs = request.num_output_tokens + request.num_output_placeholders
+        return num_outputs >= request.max_tokens or num_tokens >= self.max_model_len
+
     def _num_tokens_to_compute(self, request: Request, num_computed: int, budget: int) -> int:
-        num_new = min(request.num_tokens - num_computed, budget)
+        total = request.num_tokens + request.num_output_placeholders
+        num_new = min(total - num_computed, budget)
         if self.config.max_prefill_chunk is not None:
             num_new = min(num_new, self.config.max_prefill_chunk)
         assert num_new > 0, (request, num_computed, budget)

@@ -211,3 +211,51 @@ def test_dummy_bundled_configs_run_on_cuda() -> None:
     llm = LLM(model="dummy:smollm2-135m", device="cuda", dtype="bfloat16", max_num_seqs=4)
     out = llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_pdl_and_async_scheduling_change_no_token(tmp_path: Path, arch: str) -> None:
+    """Programmatic dependent launch and async scheduling are pure speed: with either, both or
+    neither, the same tokens and logprobs (greedy, seeded, penalised rows; batches of 1, 3, 11
+    padded to graph buckets), and an idle pool after."""
+    from baton import LLM, SamplingParams
+
+    _save_tiny(tmp_path, arch)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist() for n in range(4, 37, 3)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=17, ignore_eos=True),
+        SamplingParams(temperature=0, presence_penalty=0.5, max_tokens=12, ignore_eos=True),
+    ]
+    results = {}
+    for async_scheduling in (False, True):
+        for pdl in (False, True):
+            llm = LLM(
+                model=str(tmp_path),
+                device="cuda",
+                dtype="bfloat16",
+                num_blocks=512,
+                max_num_seqs=16,
+                async_scheduling=async_scheduling,
+                pdl=pdl,
+            )
+            runs = []
+            for batch in (prompts[:1], prompts[:3], prompts):
+                outs = llm.generate(batch, [params[i % 3] for i in range(len(batch))])
+                runs.append(
+                    [
+                        (o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []])
+                        for o in outs
+                    ]
+                )
+            assert llm.engine.core.runner.graphs is not None
+            assert llm.engine.core.runner.graphs.num_replays > 0
+            llm.engine.check_integrity(expect_idle=True)
+            results[(async_scheduling, pdl)] = runs
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+    first = results[(False, False)]
+    for key, runs in results.items():
+        assert runs == first, key

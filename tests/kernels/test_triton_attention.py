@@ -1,13 +1,15 @@
 """Triton paged attention (decode split-KV, prefill/extend, mixed wrapper) vs attention_ref.
 
 Runs on CUDA when there is a device; otherwise under Triton's CPU interpreter (TRITON_INTERPRET=1
-must be set before triton is imported), with small shapes so the module stays fast.
+must be set before triton is imported), with small shapes so the module stays fast. On a GPU that
+supports it, the decode kernel also runs with programmatic dependent launch.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from baton.kernels import attention_ref  # noqa: E402
+from baton.kernels import attention_ref, pdl  # noqa: E402
 from baton.kernels.triton_attention import (  # noqa: E402
     choose_num_splits,
     paged_decode_attention,
@@ -199,6 +201,47 @@ def test_decode_padding_rows_give_zeros() -> None:
         paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits, out=out)
         assert torch.equal(out[1].cpu(), torch.zeros(HEADS, DIM))
         assert_close_to(out[[0, 2]], want[[0, 2]], torch.float32)
+
+
+@pytest.fixture(params=[False, True], ids=["plain_launch", "pdl_launch"])
+def pdl_launch(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Runs a test with PDL launches off, then on (skipped where PDL is unsupported)."""
+    on = bool(request.param)
+    if on and not pdl.supported(DEVICE):
+        pytest.skip("PDL needs a compiled (not interpreted) kernel on compute capability >= 9.0")
+    saved = pdl._enabled  # the raw switch: enabled() also folds in the interpreter
+    pdl.set_enabled(on)
+    yield on
+    pdl.set_enabled(saved)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize(
+    ("dtype", "heads", "kv_heads"),
+    [(torch.float32, 4, 2), (torch.bfloat16, 8, 1)],  # GQA groups of 2 and of 8
+)
+def test_decode_splits_ragged_and_padding(
+    num_splits: int, dtype: torch.dtype, heads: int, kv_heads: int, pdl_launch: bool
+) -> None:
+    """Split-KV plus merge over ragged contexts (some splits empty) and a padding row, with and
+    without PDL launches: the reference's output, the same bits on every call."""
+    seqs = [(300, 1), (9, 1), (0, 1), (130, 1), (63, 1)]  # row 2 becomes padding
+    q, k_cache, v_cache, tables, seq_lens, qsl = make_batch(
+        seqs, dtype, heads=heads, kv_heads=kv_heads, seed=num_splits
+    )
+    scale = 1 / math.sqrt(DIM)
+    want = reference(q, k_cache, v_cache, tables, seq_lens, qsl, scale)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    lens[2] = 0
+    outs = []
+    for _ in range(2):
+        out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+        paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits, out=out)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]), "deterministic"
+    assert torch.equal(outs[0][2].cpu(), torch.zeros(heads, DIM, dtype=dtype))
+    live = [0, 1, 3, 4]
+    assert_close_to(outs[0][live], want[live], dtype)
 
 
 def test_choose_num_splits() -> None:

@@ -1,10 +1,14 @@
 """skinny_linear (Triton skinny GEMM for decode) vs torch.nn.functional.linear.
 
-On CUDA the kernels are compiled and run on the GPU (plus a CUDA-graph capture test); without
-CUDA they run under Triton's CPU interpreter with small shapes, and a subprocess compiles them
-for sm_90 to catch what the interpreter accepts but the compiler rejects. Outputs are checked
-against a float64 F.linear (relative L2) and element by element against F.linear in the model
-dtype; they are poisoned with NaN first, so an element the kernel skipped fails the check.
+On CUDA the kernels are compiled and run on the GPU (plus CUDA-graph capture and PDL tests);
+without CUDA they run under Triton's CPU interpreter with small shapes, and subprocesses compile
+them for sm_90 to catch what the interpreter accepts but the compiler rejects (and to read the
+PDL path's PTX, which the interpreter never traces). Outputs are checked against a float64
+F.linear (relative L2) and element by element against F.linear in the model dtype; they are
+poisoned with NaN first, so an element the kernel skipped fails the check. The fused split-K
+reduction is also checked bit for bit against per-slice partials summed in slice order (what the
+former separate reduce kernel computed), and act="silu_mul" bit for bit against silu_and_mul
+followed by the plain call.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,6 +29,8 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from baton.kernels import pdl  # noqa: E402
+from baton.kernels import triton_gemv as gemv  # noqa: E402
 from baton.kernels.triton_gemv import (  # noqa: E402
     GemvConfig,
     choose_split_k,
@@ -30,8 +38,10 @@ from baton.kernels.triton_gemv import (  # noqa: E402
     skinny_linear,
     supports,
 )
+from baton.kernels.triton_ops import silu_and_mul  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+PDL_OK = ON_GPU and pdl.supported(DEVICE)
 # Relative L2 error vs the float64 oracle: fp32 sums in another order land far under 1e-5; the
 # half-precision output rounding alone is ~3e-3 (bf16) / ~4e-4 (fp16).
 REL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
@@ -65,6 +75,30 @@ def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     ref = F.linear(x, w, b)
     tol = ELEM_TOL[out.dtype]
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def _assert_counters_zero() -> None:
+    """The split-K invariant: every arrival counter is back to 0 once a call has completed."""
+    if ON_GPU:
+        torch.cuda.synchronize()
+    for buf in [*gemv._counters.values(), *gemv._retired_counters]:
+        assert buf.dtype == torch.int32 and not buf.any(), buf.nonzero().flatten()[:8]
+
+
+@pytest.fixture(
+    params=[
+        False,
+        pytest.param(True, marks=pytest.mark.skipif(not PDL_OK, reason="PDL needs sm_90+")),
+    ],
+    ids=["serial", "pdl"],
+)
+def use_pdl(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Runs the test with PDL launches off, and on a GPU that has them, on (then off again)."""
+    pdl.set_enabled(request.param)
+    try:
+        yield request.param
+    finally:
+        pdl.set_enabled(False)
 
 
 # --- Default config against F.linear ----------------------------------------------------------
@@ -140,6 +174,127 @@ def test_zero_rows() -> None:
     assert skinny_linear(x[:0], w).shape == (0, 32)
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    )
+
+
+# --- Split-K: the in-kernel, last-arrival reduction ---------------------------------------------
+
+
+def _slice_sum_reference(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: GemvConfig
+) -> torch.Tensor:
+    """What the former two-kernel split-K computed, bit for bit (fp32 operands): each K slice's
+    fp32 partial (the kernel on that slice alone, the same tiles in the same order), summed in
+    slice order 0..S-1 starting from 0, the bias added in fp32, one cast."""
+    assert x.dtype == torch.float32, "the plain call's output is the partial only in fp32"
+    K = x.shape[1]
+    k_tiles = -(-K // cfg.block_k)
+    k_per_split = -(-k_tiles // min(cfg.split_k, k_tiles)) * cfg.block_k
+    total = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float32, device=DEVICE)
+    one = replace(cfg, split_k=1)
+    for k0 in range(0, K, k_per_split):
+        total += skinny_linear(x[:, k0 : k0 + k_per_split], w[:, k0 : k0 + k_per_split], config=one)
+    if b is not None:
+        total += b.float()
+    return total.to(x.dtype)
+
+
+# M -> (N, K): N not a multiple of BLOCK_N = 32 (100, 130) or one; K = 16 tiles of 32, with a
+# masked tail (488) or without (512), so split 2, 4 and 8 are taken as asked.
+SPLIT_SHAPES = {1: (100, 488), 3: (96, 512), 8: (130, 488), 16: (64, 512)}
+
+
+@pytest.mark.parametrize(
+    ("dtype", "split_k"),
+    [(torch.float32, 2), (torch.float32, 4), (torch.float32, 8), (torch.bfloat16, 4)],
+)
+@pytest.mark.parametrize("M", list(SPLIT_SHAPES))
+def test_fused_split_k(dtype: torch.dtype, M: int, split_k: int, use_pdl: bool) -> None:
+    """Correct, bitwise repeatable, (fp32) bitwise the slice-ordered sum; counters zero after."""
+    N, K = SPLIT_SHAPES[M]
+    bias = (M % 2 == 1) != (split_k == 4)  # each M (fp32) with and without
+    x, w, b = _operands(M, N, K, dtype, bias=bias, seed=100 * M + split_k)
+    cfg = GemvConfig(block_n=32, block_k=32, split_k=split_k)
+    first = skinny_linear(x, w, b, out=_poison(M, N, dtype), config=cfg)
+    _assert_counters_zero()
+    _check(first, x, w, b)
+    second = skinny_linear(x, w, b, out=_poison(M, N, dtype), config=cfg)
+    _assert_counters_zero()
+    assert _same_bits(first, second), "split-K is not deterministic"
+    if dtype == torch.float32:
+        assert _same_bits(first, _slice_sum_reference(x, w, b, cfg)), "summation order changed"
+
+
+def test_fused_split_k_cuda_cores() -> None:
+    """The CUDA-core path's tiles (one per row of x and column block) reduce the same way."""
+    M, N, K = 3, 40, 488
+    x, w, b = _operands(M, N, K, torch.float32, bias=True, seed=21)
+    cfg = GemvConfig(block_n=16, block_k=64, split_k=4, num_stages=1, use_dot=False)
+    out = skinny_linear(x, w, b, out=_poison(M, N, torch.float32), config=cfg)
+    _assert_counters_zero()
+    _check(out, x, w, b)
+    assert _same_bits(out, _slice_sum_reference(x, w, b, cfg))
+
+
+def test_counter_buffer_grows_outside_capture_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too few counters: grown when eager (the old buffer kept for graphs that use it), a clear
+    error during graph capture (simulated here), which must not allocate."""
+    monkeypatch.setattr(gemv, "_MIN_COUNTERS", 4)
+    monkeypatch.setattr(gemv, "_counters", {})
+    monkeypatch.setattr(gemv, "_retired_counters", [])
+    x, w, b = _operands(3, 96, 128, torch.float32, bias=True, seed=2)
+    small = GemvConfig(block_n=32, block_k=32, split_k=2)  # 3 tiles
+    big = GemvConfig(block_n=16, block_k=32, split_k=2)  # 6 tiles
+    _check(skinny_linear(x, w, b, config=small), x, w, b)
+    first = gemv._counters[x.device]
+    assert first.numel() == 4
+    monkeypatch.setattr(gemv, "_capturing", lambda device: True)
+    _check(skinny_linear(x, w, b, config=small), x, w, b)  # fits: nothing to allocate
+    with pytest.raises(RuntimeError, match="warm-up"):
+        skinny_linear(x, w, b, config=big)
+    monkeypatch.setattr(gemv, "_capturing", lambda device: False)
+    _check(skinny_linear(x, w, b, config=big), x, w, b)
+    assert gemv._counters[x.device].numel() == 8
+    assert len(gemv._retired_counters) == 1 and gemv._retired_counters[0] is first
+    _assert_counters_zero()
+
+
+# --- act="silu_mul": silu(gate) * up fused into the x loads ------------------------------------
+
+SILU_CONFIGS = {
+    "default": None,  # one K slice at this shape
+    "split4": GemvConfig(block_n=32, block_k=64, split_k=4),
+    "fma_split2": GemvConfig(block_n=32, block_k=64, split_k=2, num_stages=1, use_dot=False),
+}
+
+
+@pytest.mark.parametrize("name", list(SILU_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_fused(name: str, dtype: torch.dtype, use_pdl: bool) -> None:
+    """Bit for bit silu_and_mul(x) then the plain call, with x [M, 2K] a row-strided slice of a
+    wider buffer (K = 264: a masked K tail)."""
+    M, N, K = 3, 100, 264
+    g = torch.Generator().manual_seed(len(name))
+    wide = (torch.randn(M, 2 * K + 24, generator=g) * 2).to(dtype=dtype, device=DEVICE)
+    x = wide[:, 8 : 8 + 2 * K]
+    w = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype=dtype, device=DEVICE)
+    b = torch.randn(N, generator=g).to(dtype=dtype, device=DEVICE)
+    cfg = SILU_CONFIGS[name]
+    assert supports(x, w, act="silu_mul")
+    fused = skinny_linear(x, w, b, act="silu_mul", out=_poison(M, N, dtype), config=cfg)
+    _assert_counters_zero()
+    h = silu_and_mul(x)
+    assert _same_bits(fused, skinny_linear(h, w, b, config=cfg))
+    _check(fused, h, w, b)
+    no_bias = skinny_linear(x, w, act="silu_mul", config=cfg)
+    assert _same_bits(no_bias, skinny_linear(h, w, config=cfg))
+
+
 # --- supports() and the heuristic -------------------------------------------------------------
 
 
@@ -154,6 +309,10 @@ def test_supports() -> None:
     assert not supports(x, w_wide[:, :128]), "weight row starts not 16-byte aligned"
     assert not supports(x[:, :36], w[:, :36].contiguous()), "K * 2 bytes % 16 != 0"
     assert not supports(x[0], w), "x must be 2-D"
+    gate_up = torch.cat([x, x], dim=1)
+    assert supports(gate_up, w, act="silu_mul")
+    assert not supports(gate_up, w), "2K columns without the activation"
+    assert not supports(x, w, act="silu_mul"), "silu_mul takes [gate | up], 2K columns"
 
 
 TARGETS = {  # (K, N) of Llama-3.1-8B and Qwen3-8B projections
@@ -188,23 +347,130 @@ def test_default_config_heuristic() -> None:
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-def test_cuda_graph_capture() -> None:
-    """Captured once (split-K and not), replayed on new inputs: the results follow the inputs."""
+def test_cuda_graph_capture(use_pdl: bool) -> None:
+    """Captured once (split-K and not, fused SiLU), replayed on new inputs: the results follow
+    the inputs, equal the eager calls' bit for bit, and the counters are zero after each replay."""
     M, N, K = 2, 4096, 4096
     x, w, b = _operands(M, N, K, torch.bfloat16, bias=True, seed=9)
-    outs: list[torch.Tensor] = []
+    gate_up = torch.randn(M, 2 * K, device=DEVICE).to(torch.bfloat16)
     configs = [None, GemvConfig(split_k=1), GemvConfig(split_k=4)]
-    for cfg in configs:  # compile outside the capture
-        skinny_linear(x, w, b, config=cfg)
+
+    def step() -> list[torch.Tensor]:
+        outs = [skinny_linear(x, w, b, config=cfg) for cfg in configs]
+        return outs + [skinny_linear(gate_up, w, b, act="silu_mul", config=c) for c in configs]
+
+    step()  # compile, and allocate the split-K counters, outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = [skinny_linear(x, w, b, config=cfg) for cfg in configs]
-    x.copy_(torch.randn(M, K, device=DEVICE).to(torch.bfloat16))
-    graph.replay()
-    torch.cuda.synchronize()
-    for out in outs:
-        _check(out, x, w, b)
+        outs = step()
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        x.copy_(torch.randn(M, K, generator=g).to(torch.bfloat16))
+        gate_up.copy_(torch.randn(M, 2 * K, generator=g).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_counters_zero()
+        for got, want in zip(outs, step(), strict=True):
+            assert _same_bits(got, want)
+        h = silu_and_mul(gate_up)
+        for i, out in enumerate(outs):
+            _check(out, x if i < len(configs) else h, w, b)
+
+
+@pytest.mark.skipif(not PDL_OK, reason="PDL needs a CUDA device of compute capability >= 9.0")
+def test_pdl_chain_matches_serial() -> None:
+    """Dependent calls launched back to back with PDL, each reading the one before's output
+    (an MLP: gate_up, then down with the fused SiLU; both split-K, so consecutive calls share the
+    counters): bit for bit the serial result, eager and replayed from a CUDA graph."""
+    M, H, inter = 4, 2048, 1024
+    g = torch.Generator().manual_seed(7)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16).to(DEVICE)
+
+    x = rand(M, H)
+    layers = [
+        (rand(2 * inter, H, scale=H**-0.5), rand(H, inter, scale=inter**-0.5)) for _ in range(4)
+    ]
+    down_cfg = GemvConfig(split_k=4)
+    assert default_config(M, 2 * inter, H).split_k > 1
+
+    def forward() -> torch.Tensor:
+        h = x
+        for w_gate_up, w_down in layers:
+            h = skinny_linear(skinny_linear(h, w_gate_up), w_down, act="silu_mul", config=down_cfg)
+        return h
+
+    serial = forward()
+    pdl.set_enabled(True)
+    try:
+        for _ in range(3):
+            assert _same_bits(forward(), serial)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = forward()
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert _same_bits(replayed, serial)
+    finally:
+        pdl.set_enabled(False)
+    _assert_counters_zero()
+
+
+# The PDL variant (with split-K and the fused SiLU) compiled for sm_90: the interpreter never
+# traces it, so its ordering is read from the PTX. Prints the kernel's PTX, code only.
+_PDL_PTX_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from baton.kernels import triton_gemv as gemv
+
+fn = gemv._skinny_gemm_kernel
+consts = dict(HAS_BIAS=True, SPLIT=True, EVEN_K=False, USE_DOT=True, PRECISION="tf32",
+              BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SILU_MUL=True, USE_PDL=True, PREFETCH_TILES=2)
+types = {"ws_ptr": "*fp32", "counter_ptr": "*i32"}
+signature, attrs = {}, {}
+for i, name in enumerate(fn.arg_names):
+    if name in consts:
+        signature[name] = "constexpr"
+        continue
+    signature[name] = types.get(name, "*bf16" if name.endswith("_ptr") else "i32")
+    if name != "M":
+        attrs[(i,)] = [["tt.divisibility", 16]]
+src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+options = {"num_warps": 4, "num_stages": 4, "launch_pdl": True}
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+print(ptx.split(".section")[0])
+"""
+
+
+def test_pdl_variant_ptx() -> None:
+    """sm_90 PTX of the PDL kernel: before griddepcontrol.wait only L2 prefetches of W, one per
+    128-byte line (2 per thread for two [64, 128] bf16 tiles over 128 threads, not one per
+    element); launch_dependents after the wait; the split-K arrival is a gpu-scope acq_rel
+    atomic and the last program reads the partials with ld.global.cg."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PDL_PTX_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ptx = proc.stdout
+    wait = ptx.index("griddepcontrol.wait")
+    assert wait < ptx.index("griddepcontrol.launch_dependents")
+    before = ptx[:wait]
+    for op in ("ld.global", "st.global", "cp.async", "atom.global", "red.global"):
+        assert op not in before, f"{op} before griddepcontrol.wait"
+    assert before.count("prefetch.global.L2") == ptx.count("prefetch.global.L2") == 2
+    assert "atom.global.gpu.acq_rel.add" in ptx
+    assert "ld.global.cg" in ptx
+    assert "wgmma.mma_async" in ptx
 
 
 @pytest.mark.skipif(ON_GPU, reason="on CUDA the tests above compile every kernel")

@@ -6,7 +6,9 @@ interpreter (sizes kept small: it runs every program in Python), and a subproces
 for sm_90 to catch what the interpreter accepts but the compiler rejects. Kernels are checked
 against a float64 run of the reference (‖out − ref‖ / ‖ref‖, METHOD.md tolerances) and element
 by element against the reference in the model dtype. Outputs are poisoned with NaN first, so an
-element the kernel skipped fails the check.
+element the kernel skipped fails the check. The fused attention prologue is also held to the
+unfused kernel sequence it replaces, bit for bit. On a GPU that supports it, the kernels run once
+more with programmatic dependent launch (pdl.set_enabled(True)) and must give the same bits.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,7 +27,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from baton.kernels import ops_ref, triton_ops
+from baton.kernels import ops_ref, pdl, triton_ops, triton_prologue
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -49,14 +52,27 @@ def _poison(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
 
-def _check(out: torch.Tensor, oracle: torch.Tensor, ref: torch.Tensor) -> None:
-    """out vs a float64 oracle (relative L2) and vs the dtype reference (element-wise)."""
+def _check(out: torch.Tensor, oracle: torch.Tensor, ref: torch.Tensor, roundings: int = 1) -> None:
+    """out vs a float64 oracle (relative L2) and vs the dtype reference (element-wise), the
+    element tolerance scaled by the number of roundings to the model dtype the op chains."""
     assert out.shape == oracle.shape == ref.shape, (out.shape, oracle.shape, ref.shape)
     assert not out.isnan().any(), "NaN in output: an element was not written"
     diff = (out.double() - oracle.double()).norm() / oracle.double().norm()
     assert diff < REL_TOL[out.dtype], (float(diff), out.dtype)
-    tol = ELEM_TOL[out.dtype]
+    tol = ELEM_TOL[out.dtype] * roundings
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.fixture(params=[False, True], ids=["plain_launch", "pdl_launch"])
+def pdl_launch(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Runs a test with PDL launches off, then on (skipped where PDL is unsupported)."""
+    on = bool(request.param)
+    if on and not pdl.supported(torch.device(DEVICE)):
+        pytest.skip("PDL needs a compiled (not interpreted) kernel on compute capability >= 9.0")
+    saved = pdl._enabled  # the raw switch: enabled() also folds in the interpreter
+    pdl.set_enabled(on)
+    yield on
+    pdl.set_enabled(saved)
 
 
 # --- RMSNorm ----------------------------------------------------------------------------------
@@ -195,6 +211,188 @@ def test_write_kv_cache(dtype: torch.dtype, head_dim: int, slot_dtype: torch.dty
     torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0, equal_nan=True)
     assert int((~k_cache.isnan()).sum()) == int(live.sum()) * hk * head_dim
+
+
+# --- The fused attention prologue: [q/k head norm] -> RoPE -> KV write -------------------------
+
+PROLOGUE_CASES = {
+    # name: (q heads, kv heads, head_dim, per-head q/k RMSNorm, index dtype)
+    "llama_d128": (32, 8, 128, False, torch.int64),
+    "llama_d64": (32, 8, 64, False, torch.int64),
+    "qwen3_d128": (32, 8, 128, True, torch.int64),
+    # MQA: three of the four rows of the k head group are masked; head_dim not a power of two
+    "mqa_d96_norm": (6, 1, 96, True, torch.int32),
+}
+
+
+def _prologue_inputs(
+    case: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], tuple[int, ...]]:
+    """A fused qkv [T, (Hq + 2 Hk) D] and everything else the prologue takes, engine-style."""
+    hq, hk, head_dim, qk_norm, index_dtype = PROLOGUE_CASES[case]
+    num_tokens, block_size, num_blocks, max_positions = 4, 16, 3, 80
+    g = _gen(hq * head_dim + hk)
+    qkv = _rand(num_tokens, (hq + 2 * hk) * head_dim, dtype=dtype, g=g)
+    angles = torch.rand(max_positions, head_dim // 2, generator=g, dtype=torch.float64) * 6.3
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[[1, 3]] = -1  # CUDA-graph padding rows
+    weights = [(1.0 + _rand(head_dim, dtype=torch.float32, g=g, scale=0.3)).to(dtype) for _ in "qk"]
+    args: dict[str, torch.Tensor | None] = {
+        "positions": torch.randint(0, max_positions, (num_tokens,), generator=g).to(
+            device=DEVICE, dtype=index_dtype
+        ),
+        # The engine keeps the tables in the model dtype.
+        "cos_half": angles.cos().to(device=DEVICE, dtype=dtype),
+        "sin_half": angles.sin().to(device=DEVICE, dtype=dtype),
+        "slot_mapping": slots.to(device=DEVICE, dtype=index_dtype),
+        "q_norm_weight": weights[0] if qk_norm else None,
+        "k_norm_weight": weights[1] if qk_norm else None,
+    }
+    return qkv, args, (num_blocks, block_size, hk, head_dim)
+
+
+def _split_qkv(
+    qkv: torch.Tensor, hq: int, hk: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = qkv.shape[0]
+    q = qkv[:, : hq * head_dim].view(t, hq, head_dim)
+    k = qkv[:, hq * head_dim : (hq + hk) * head_dim].view(t, hk, head_dim)
+    v = qkv[:, (hq + hk) * head_dim :].view(t, hk, head_dim)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(PROLOGUE_CASES))
+def test_qk_norm_rope_write_kv(case: str, dtype: torch.dtype, pdl_launch: bool) -> None:
+    """Bit for bit the engine's unfused sequence; close to the float64 plain-torch oracle."""
+    hq, hk, head_dim = PROLOGUE_CASES[case][:3]
+    qkv, a, cache_shape = _prologue_inputs(case, dtype)
+    positions, cos_h, sin_h, slots = a["positions"], a["cos_half"], a["sin_half"], a["slot_mapping"]
+    wq, wk = a["q_norm_weight"], a["k_norm_weight"]
+    assert positions is not None and cos_h is not None and sin_h is not None and slots is not None
+
+    # What the engine runs today: rms_norm per head (Qwen3) -> RoPE in place -> KV write.
+    ref_qkv = qkv.clone()
+    q0, k0, v0 = _split_qkv(ref_qkv, hq, hk, head_dim)
+    k_cache0, v_cache0 = _poison(*cache_shape, dtype=dtype), _poison(*cache_shape, dtype=dtype)
+    if wq is not None and wk is not None:
+        q0, k0 = triton_ops.rms_norm(q0, wq, EPS), triton_ops.rms_norm(k0, wk, EPS)
+    q0, k0 = triton_ops.rotary_embedding(positions, q0, k0, cos_h, sin_h, inplace=True)
+    triton_ops.write_kv_cache(k0, v0, k_cache0, v_cache0, slots)
+
+    got_qkv = qkv.clone()
+    q, k, v = _split_qkv(got_qkv, hq, hk, head_dim)
+    k_cache, v_cache = _poison(*cache_shape, dtype=dtype), _poison(*cache_shape, dtype=dtype)
+    got_q, got_k = triton_prologue.qk_norm_rope_write_kv(
+        positions, q, k, v, cos_h, sin_h, k_cache, v_cache, slots, wq, wk, EPS
+    )
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr(), "in place"
+    # Bitwise where the engine runs (half precision, and fp32 under the interpreter). On a GPU
+    # in fp32 the compiler contracts multiply-adds differently in the fused kernel (seen on an
+    # H200): equal to the last ulp or two, not bitwise.
+    tol = 1e-6 if dtype == torch.float32 and q.is_cuda else 0.0
+    torch.testing.assert_close(got_q, q0, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_k, k0, atol=tol, rtol=tol)
+    assert torch.equal(v, _split_qkv(qkv, hq, hk, head_dim)[2]), "v must be untouched"
+    # equal_nan: padding slots and slots of no token keep their NaN poison in both.
+    torch.testing.assert_close(k_cache, k_cache0, atol=tol, rtol=tol, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_cache0, atol=0, rtol=0, equal_nan=True)
+    live = int((slots >= 0).sum())
+    assert int((~k_cache.isnan()).sum()) == int((~v_cache.isnan()).sum()) == live * hk * head_dim
+
+    # The plain-torch reference, in the model dtype and as a float64 oracle.
+    q_in, k_in, v_in = _split_qkv(qkv, hq, hk, head_dim)
+    ref_cache = _poison(*cache_shape, dtype=dtype)
+    want_q, want_k = ops_ref.qk_norm_rope_write_kv_ref(
+        positions, q_in, k_in, v_in, cos_h, sin_h, ref_cache, ref_cache.clone(), slots, wq, wk, EPS
+    )
+    oracle_cache = ref_cache.double()
+    oracle_q, oracle_k = ops_ref.qk_norm_rope_write_kv_ref(
+        positions,
+        *(t.double() for t in (q_in, k_in, v_in, cos_h, sin_h)),
+        oracle_cache,
+        oracle_cache.clone(),
+        slots,
+        None if wq is None else wq.double(),
+        None if wk is None else wk.double(),
+        EPS,
+    )
+    # With the norm: rounded after the norm, after the weight and after RoPE (one ulp each at
+    # most, though under the interpreter each rounding truncates).
+    roundings = 1 if wq is None else 3
+    _check(got_q, oracle_q, want_q, roundings)
+    _check(got_k, oracle_k, want_k, roundings)
+
+
+def test_qk_norm_rope_write_kv_checks_inputs() -> None:
+    qkv, a, cache_shape = _prologue_inputs("qwen3_d128", torch.float32)
+    q, k, v = _split_qkv(qkv, 32, 8, 128)
+    caches = (
+        _poison(*cache_shape, dtype=torch.float32),
+        _poison(*cache_shape, dtype=torch.float32),
+    )
+    pos, cos_h, sin_h, slots = a["positions"], a["cos_half"], a["sin_half"], a["slot_mapping"]
+    assert pos is not None and cos_h is not None and sin_h is not None and slots is not None
+    with pytest.raises(AssertionError):  # one norm weight without the other
+        triton_prologue.qk_norm_rope_write_kv(
+            pos, q, k, v, cos_h, sin_h, *caches, slots, a["q_norm_weight"]
+        )
+    with pytest.raises(AssertionError):  # the cache's head count differs from k's
+        triton_prologue.qk_norm_rope_write_kv(
+            pos, q, k[:, :4], v[:, :4], cos_h, sin_h, *caches, slots
+        )
+    empty = qkv[:0]
+    q0, k0, v0 = _split_qkv(empty, 32, 8, 128)
+    got = triton_prologue.qk_norm_rope_write_kv(
+        pos[:0], q0, k0, v0, cos_h, sin_h, *caches, slots[:0]
+    )
+    assert got[0].shape == (0, 32, 128) and caches[0].isnan().all(), "no tokens: a no-op"
+
+
+@pytest.mark.skipif(not pdl.supported(torch.device(DEVICE)), reason="PDL needs sm_90+ (no interp)")
+def test_ops_identical_under_pdl() -> None:
+    """Launching with PDL changes when programs start, never what they compute."""
+    g = _gen(11)
+    x, res = _rand(9, 4096, dtype=torch.bfloat16, g=g), _rand(9, 4096, dtype=torch.bfloat16, g=g)
+    w = _rand(4096, dtype=torch.bfloat16, g=g)
+    gate_up = _rand(9, 2 * 1024, dtype=torch.bfloat16, g=g)
+    qkv, a, cache_shape = _prologue_inputs("qwen3_d128", torch.bfloat16)
+    saved = pdl._enabled
+    outs = []
+    try:
+        for on in (False, True):
+            pdl.set_enabled(on)
+            q, k, v = _split_qkv(qkv.clone(), 32, 8, 128)
+            caches = [torch.zeros(cache_shape, dtype=torch.bfloat16, device=DEVICE) for _ in "kv"]
+            pos, cos_h, sin_h, slots = (
+                a["positions"],
+                a["cos_half"],
+                a["sin_half"],
+                a["slot_mapping"],
+            )
+            assert pos is not None and cos_h is not None and sin_h is not None
+            assert slots is not None
+            rq, rk = triton_ops.rotary_embedding(pos, q, k, cos_h, sin_h)
+            triton_ops.write_kv_cache(k, v, caches[0], caches[1], slots)
+            fq, fk = triton_prologue.qk_norm_rope_write_kv(
+                pos, q, k, v, cos_h, sin_h, *caches, slots, a["q_norm_weight"], a["k_norm_weight"]
+            )
+            outs.append(
+                [
+                    triton_ops.rms_norm(x, w, EPS),
+                    *triton_ops.fused_add_rms_norm(x, res.clone(), w, EPS),
+                    triton_ops.silu_and_mul(gate_up),
+                    rq,
+                    rk,
+                    fq,
+                    fk,
+                    *caches,
+                ]
+            )
+    finally:
+        pdl.set_enabled(saved)
+    for plain, with_pdl in zip(*outs, strict=True):
+        assert torch.equal(plain, with_pdl)
 
 
 def test_empty_batches_are_no_ops() -> None:

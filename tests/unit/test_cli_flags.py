@@ -31,6 +31,19 @@ def test_workers_get_the_engine_flags_and_an_equal_memory_share(
     assert float(values["--gpu-memory-utilization"]) == pytest.approx(0.9 / 4)
     assert values["--attention-backend"] == "triton"
     assert "--enforce-eager" in flags
+    assert not any("async-scheduling" in f or "pdl" in f for f in flags)  # device defaults
+
+
+def test_async_scheduling_and_pdl_flags_reach_config_and_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a = _serve_args(monkeypatch, ["--no-async-scheduling", "--pdl", "--device", "cpu"])
+    config = cli._engine_config(a)
+    assert config.async_scheduling is False and config.pdl is True
+    flags = cli._engine_flags(a)
+    assert "--no-async-scheduling" in flags and "--pdl" in flags
+    default = cli._engine_config(_serve_args(monkeypatch, ["--device", "cpu"]))
+    assert default.async_scheduling is False and default.pdl is None  # CPU: nothing to overlap
 
 
 def test_engine_config_from_flags(monkeypatch: pytest.MonkeyPatch) -> None:

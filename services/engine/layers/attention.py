@@ -95,9 +95,12 @@ class Attention(nn.Module):
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        *,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         """q: [T, heads, head_dim] or [T, heads*head_dim]; k, v likewise with kv_heads (views
-        with a token stride are fine) → [T, heads*head_dim]."""
+        with a token stride are fine) → [T, heads*head_dim]. kv_written: the caller already
+        wrote k and v into the cache (a fused prologue kernel)."""
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -108,7 +111,8 @@ class Attention(nn.Module):
             # lazily: Triton is not a dependency of the CPU install).
             from baton.kernels.triton_ops import write_kv_cache as triton_write_kv_cache
 
-            triton_write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+            if not kv_written:
+                triton_write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
             if meta.backend == "flashinfer":
                 from baton.kernels.flashinfer_attention import flashinfer_paged_attention
 
@@ -118,6 +122,7 @@ class Attention(nn.Module):
 
                 out = triton_paged_attention(q, k_cache, v_cache, meta.triton_plan, self.scale)
         else:
-            write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+            if not kv_written:
+                write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
             out = paged_attention(q, k_cache, v_cache, meta.plan, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

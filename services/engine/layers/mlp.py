@@ -1,4 +1,7 @@
-"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul.
+
+On CUDA at decode sizes (<= 16 rows) the down projection's skinny GEMM applies SiLU·up as it
+loads its input, so the activation never round-trips through memory as a separate kernel."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baton.services.engine.layers.linear import Linear
+from baton.services.engine.layers.linear import SKINNY_MAX_ROWS, Linear
 
 
 class SwiGLUMLP(nn.Module):
@@ -29,6 +32,12 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up: torch.Tensor = self.gate_up_proj(x)
+        if gate_up.is_cuda and gate_up.dim() == 2 and gate_up.shape[0] <= SKINNY_MAX_ROWS:
+            from baton.kernels.triton_gemv import skinny_linear, supports
+
+            weight = self.down_proj.weight
+            if supports(gate_up, weight, act="silu_mul"):  # decode: SiLU·up inside the GEMM
+                return skinny_linear(gate_up, weight, act="silu_mul")
         if gate_up.is_cuda:  # one Triton kernel instead of three elementwise passes
             from baton.kernels.triton_ops import silu_and_mul
 

@@ -72,15 +72,35 @@ class RopeStep:
     """[T, 1, D] (CPU only)."""
     sin: torch.Tensor | None
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hk, D] → rotated; on CUDA in place (views of a fused qkv)."""
-        if self.cos is None or self.sin is None:
-            from baton.kernels.triton_ops import rotary_embedding
+    def rotate_and_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CUDA: the attention prologue in one kernel. Optional per-head RMSNorm of q and k
+        (norms = q weight, k weight, eps), RoPE in place, k and v written at slot_mapping."""
+        from baton.kernels.triton_prologue import qk_norm_rope_write_kv
 
-            return rotary_embedding(
-                self.positions, q, k, self.cos_half, self.sin_half, inplace=True
-            )
-        return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
+        q_w, k_w, eps = norms if norms is not None else (None, None, 1e-6)
+        return qk_norm_rope_write_kv(
+            self.positions,
+            q,
+            k,
+            v,
+            self.cos_half,
+            self.sin_half,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            q_norm_weight=q_w,
+            k_norm_weight=k_w,
+            eps=eps,
+        )
 
     def rotate_packed(self, qk: torch.Tensor) -> torch.Tensor:
         """q and k heads side by side [T, Hq + Hk, D] → a rotated copy (the CPU path)."""

@@ -78,15 +78,20 @@ class LlamaAttention(nn.Module):
         q_end, k_end = self.q_size, self.q_size + self.kv_size
         v = qkv[:, k_end:]
         if qkv.is_cuda:
-            # Triton kernels on strided views of qkv: RoPE rotates q and k in place, no copies.
+            # One Triton kernel on strided views of qkv: q/k head norms (Qwen3), RoPE in place,
+            # and the K/V write into this layer's cache; no copies.
             q = qkv[:, :q_end].view(num_tokens, self.num_heads, self.head_dim)
             k = qkv[:, q_end:k_end].view(num_tokens, self.num_kv_heads, self.head_dim)
+            norms = None
             if self.q_norm is not None and self.k_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = rope.rotate(q, k)
+                norms = (self.q_norm.weight, self.k_norm.weight, self.eps)
+            q, k = rope.rotate_and_write_kv(
+                q, k, v.view_as(k), kv_cache[0], kv_cache[1], meta.slot_mapping, norms
+            )
+            out: torch.Tensor = self.attn(q, k, v, kv_cache, meta, kv_written=True)
         else:
             q, k = self._qk_cpu(qkv, rope, num_tokens)
-        out: torch.Tensor = self.attn(q, k, v, kv_cache, meta)
+            out = self.attn(q, k, v, kv_cache, meta)
         projected: torch.Tensor = self.o_proj(out)
         return projected
 
