@@ -94,8 +94,8 @@ class PendingStep:
     """On the host (pinned) once `done` has fired; the copies are in flight until then."""
     done: torch.cuda.Event | None
     """Recorded after the copies (None on CPU: already there)."""
-    applied: bool = False
-    """Whether the tokens were appended to the runner's request states."""
+    token_ids: list[int] | None = None
+    """The sampled ids once they have landed and been appended to the request states."""
 
 
 @dataclass(frozen=True)
@@ -220,14 +220,13 @@ class ModelRunner:
 
     def collect(self, pending: PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step's tokens; record them and return them for the scheduler."""
-        self._apply(pending)
+        token_ids = self._apply(pending)
         out = pending.out
-        token_ids = out.token_ids.tolist()
         sampled: dict[str, int] = {}
         logprobs: dict[str, TokenLogprobs] = {}
         rows = zip(pending.request_ids, pending.num_logprobs, strict=True)
         for row, (request_id, k) in enumerate(rows):
-            token_id = int(token_ids[row])
+            token_id = token_ids[row]
             sampled[request_id] = token_id
             if k is None or out.logprobs is None:
                 continue
@@ -241,21 +240,21 @@ class ModelRunner:
             )
         return ModelRunnerOutput(sampled, logprobs)
 
-    def _apply(self, pending: PendingStep) -> None:
+    def _apply(self, pending: PendingStep) -> list[int]:
         """Wait for a step's tokens and append them to the requests' states (once)."""
-        if pending.applied:
-            return
+        if pending.token_ids is not None:
+            return pending.token_ids
         if pending.done is not None:
             pending.done.synchronize()
-        for request_id, token_id in zip(
-            pending.request_ids, pending.out.token_ids.tolist(), strict=True
-        ):
+        token_ids = [int(t) for t in pending.out.token_ids.tolist()]
+        for request_id, token_id in zip(pending.request_ids, token_ids, strict=True):
             state = self._requests.get(request_id)
             if state is not None:  # gone if it ended or was preempted meanwhile
-                state.token_ids.append(int(token_id))
-        pending.applied = True
+                state.token_ids.append(token_id)
+        pending.token_ids = token_ids
         if self._pending is pending:
             self._pending = None
+        return token_ids
 
     def _carry_into(self, host: _HostBatch) -> Callable[[torch.Tensor], object] | None:
         """A writer of the tokens still on the device into a step's input ids (or None)."""

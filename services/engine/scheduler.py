@@ -341,11 +341,15 @@ class Scheduler:
 
     def _done_when_in_flight_lands(self, request: Request) -> bool:
         """A token in flight will end the request by length: schedule nothing more for it."""
-        if not request.num_output_placeholders:
-            return False
-        num_tokens = request.num_tokens + request.num_output_placeholders
-        num_outputs = request.num_output_tokens + request.num_output_placeholders
-        return num_outputs >= request.max_tokens or num_tokens >= self.max_model_len
+        extra = request.num_output_placeholders
+        return extra > 0 and self._length_reached(request, extra)
+
+    def _length_reached(self, request: Request, extra: int = 0) -> bool:
+        """max_tokens or max_model_len reached, counting `extra` tokens not yet appended."""
+        return (
+            request.num_output_tokens + extra >= request.max_tokens
+            or request.num_tokens + extra >= self.max_model_len
+        )
 
     def _num_tokens_to_compute(self, request: Request, num_computed: int, budget: int) -> int:
         total = request.num_tokens + request.num_output_placeholders
@@ -398,9 +402,7 @@ class Scheduler:
             if token_id in params.stop_token_ids:
                 request.stop_reason = token_id
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= request.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.max_model_len:
+        if self._length_reached(request):
             return RequestStatus.FINISHED_LENGTH
         return None
 
