@@ -257,6 +257,9 @@ def _ptx_check() -> int:
     fn = gemv._skinny_gemm_kernel
     base: dict[str, object] = {"HAS_BIAS": False, "SPLIT": False, "EVEN_K": True}
     base |= {"USE_DOT": True, "PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}
+    base |= {"SILU_MUL": False, "RMS_NORM": False, "ADD_RESIDUAL": False, "SQ_PAD": 1}
+    base |= {"USE_PDL": False, "PREFETCH_TILES": 0}
+    pdl_on = {"USE_PDL": True, "PREFETCH_TILES": 2}
     # (constexprs, num_warps, num_stages)
     cases: list[tuple[dict[str, object], int, int]] = [
         (base, 4, 4),
@@ -264,7 +267,11 @@ def _ptx_check() -> int:
         (base | {"HAS_BIAS": True, "EVEN_K": False}, 4, 4),
         (base | {"BLOCK_N": 32, "BLOCK_K": 256}, 4, 4),
         (base | {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 512}, 4, 1),
+        (base | pdl_on | {"SPLIT": True, "SILU_MUL": True}, 4, 4),
+        (base | pdl_on | {"RMS_NORM": True, "SQ_PAD": 64}, 4, 4),
+        (base | pdl_on | {"SPLIT": True, "ADD_RESIDUAL": True, "SQ_PAD": 64}, 4, 4),
     ]
+    fp32_ptrs = ("ws_ptr", "sq_ptr")
     failed = 0
     for consts, num_warps, num_stages in cases:
         signature: dict[str, str] = {}
@@ -274,10 +281,13 @@ def _ptx_check() -> int:
                 signature[name] = "constexpr"
                 continue
             if name.endswith("_ptr"):
-                signature[name] = "*fp32" if name == "y_ptr" and consts["SPLIT"] else "*bf16"
+                signature[name] = "*fp32" if name in fp32_ptrs else "*bf16"
+                signature[name] = "*i32" if name == "counter_ptr" else signature[name]
+            elif name == "eps":
+                signature[name] = "fp32"
             else:
                 signature[name] = "i32"
-            if name != "M":  # M is do_not_specialize
+            if name not in ("M", "eps", "sq_cols"):  # M is do_not_specialize
                 attrs[(i,)] = [["tt.divisibility", 16]]
         src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
         options = {"num_warps": num_warps, "num_stages": num_stages}

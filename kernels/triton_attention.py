@@ -63,6 +63,10 @@ class TritonAttentionMetadata:
     """[num_tiles]: sequence of each prefill query tile."""
     tile_q_start: torch.Tensor
     """[num_tiles]: first new-token index (within its sequence) of each tile."""
+    static_inputs: bool = False
+    """The decode tables, seq_lens and older KV are fixed before the step's first kernel (a
+    CUDA graph's buffers): the decode kernel may read them early (paged_decode_attention's
+    preload)."""
 
 
 def plan_attention(
@@ -140,13 +144,21 @@ def plan_attention(
 
 
 def plan_decode(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, num_splits: int
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    num_splits: int,
+    *,
+    static_inputs: bool = False,
 ) -> TritonAttentionMetadata:
     """A pure-decode plan over caller-owned device buffers, with no host data at all.
 
     Row b of the batch is sequence b: block_tables [B, max_blocks] and seq_lens [B] (int32 or
     int64). Nothing is copied, so a CUDA graph captured with this plan replays on whatever the
     buffers hold at replay time; a padding row has seq_len 0 and gets a zero output.
+    static_inputs: the buffers (and the KV of all but each sequence's newest token) are written
+    before the forward's first kernel, never by a kernel of the forward (see
+    TritonAttentionMetadata.static_inputs).
     """
     num_seqs = seq_lens.shape[0]
     assert block_tables.shape[0] == num_seqs, (block_tables.shape, num_seqs)
@@ -165,6 +177,7 @@ def plan_decode(
         query_start_loc=empty,
         tile_seq=empty,
         tile_q_start=empty,
+        static_inputs=static_inputs,
     )
 
 
@@ -200,6 +213,7 @@ def triton_paged_attention(
             meta.num_splits,
             out=out,
             rows=meta.decode_rows,
+            preload=meta.static_inputs,
         )
     if meta.tile_seq.shape[0]:
         paged_prefill_attention(

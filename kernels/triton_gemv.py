@@ -111,17 +111,19 @@ def ctas_per_sm(config: GemvConfig, element_size: int = 2) -> int:
 def choose_split_k(
     num_col_blocks: int, k_tiles: int, resident: int, *, min_tiles_per_split: int = 4
 ) -> int:
-    """K slices (a power of two) so that the grid gives every resident slot a program.
+    """K slices (a power of two) so that the grid fills one wave of resident programs.
 
     The kernel is memory-bound: once ~all SMs hold programs with tiles in flight, HBM is the
-    limit, and a ragged last wave costs little (the programs still running get the bandwidth).
-    So K is split only while the column blocks fill less than 90% of one wave of resident
-    programs (o_proj, down, qkv), doubling until they do or a slice would drop under
-    min_tiles_per_split tiles (the pipeline needs a few tiles to reach its steady state).
+    limit. K is split while doubling the slices still fits the grid in one wave (o_proj and
+    down at N = 4096: 64 column blocks, 4 slices = 256 programs for 264 slots), and a slice
+    keeps at least min_tiles_per_split tiles (the pipeline needs a few to reach its steady
+    state). A grid past one wave runs a ragged second wave and pays the split's reduction
+    anyway: qkv (96 column blocks) took 4 slices under a looser rule and measured faster with 2
+    (docs/perf.md). Shapes that fill the SMs without splitting (gate_up, the LM head) keep 1.
     """
     split = 1
     while (
-        num_col_blocks * split < 0.9 * resident
+        num_col_blocks * split * 2 <= resident
         and k_tiles >= 2 * split * min_tiles_per_split
         and split < 16
     ):
@@ -165,15 +167,25 @@ def _num_sms(device: torch.device) -> int:
 
 
 @triton.jit
-def _load_x_tile(x_ptrs, K, mask, SILU_MUL):  # type: ignore[no-untyped-def]
+def _load_x_tile(x_ptrs, K, mask, SILU_MUL, RMS_NORM, rstd, nw_ptrs):  # type: ignore[no-untyped-def]
     # x's [BLOCK_M, BLOCK_K] tile in x's dtype. With SILU_MUL, rows of x are [gate | up] (2K
     # wide) and the tile is silu(gate) * up with triton_ops.silu_and_mul's roundings: silu in
-    # fp32 rounded to x's dtype, times up in fp32, rounded again. Masked lanes give 0 either way.
+    # fp32 rounded to x's dtype, times up in fp32, rounded again. With RMS_NORM, x is the
+    # residual stream and the tile is weight * (x * rstd) with triton_ops.rms_norm's roundings:
+    # the normalised value cast to x's dtype, then the weight product cast again (rstd [BLOCK_M]
+    # per row; nw_ptrs the norm weight's BLOCK_K slice, repeated for every row so that the
+    # pipeliner streams it like x: a [1, BLOCK_K] load is too narrow for cp.async and would
+    # stall every iteration; masked rows fetch nothing). Masked lanes give 0 either way.
     if SILU_MUL:
         gate = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptrs + K, mask=mask, other=0.0).to(tl.float32)
         act = (gate * tl.sigmoid(gate)).to(x_ptrs.dtype.element_ty).to(tl.float32)
         xk = (act * up).to(x_ptrs.dtype.element_ty)
+    elif RMS_NORM:
+        xf = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        normed = (xf * rstd[:, None]).to(x_ptrs.dtype.element_ty).to(tl.float32)
+        nw = tl.load(nw_ptrs, mask=mask, other=0.0).to(tl.float32)
+        xk = (normed * nw).to(x_ptrs.dtype.element_ty)
     else:
         xk = tl.load(x_ptrs, mask=mask, other=0.0)
     return xk
@@ -219,6 +231,12 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
     y_row_stride,
     ws_ptr,
     counter_ptr,
+    res_ptr,
+    res_row_stride,
+    sq_ptr,
+    sq_cols,
+    nw_ptr,
+    eps,
     M,
     N,
     K,
@@ -232,6 +250,9 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SILU_MUL: tl.constexpr,
+    RMS_NORM: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr,
+    SQ_PAD: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH_TILES: tl.constexpr,
 ):
@@ -270,18 +291,44 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 
+    # out[j, i] is y[offs_m[i], offs_n[j]].
+    y_offs = offs_m.to(tl.int64)[None, :] * y_row_stride + offs_n[:, None]
+    y_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    sq = tl.zeros((BLOCK_M, SQ_PAD), dtype=tl.float32)  # unused without RMS_NORM
+    if RMS_NORM:
+        # x's rows are the residual stream; its producer left S partial sums of squares per
+        # row ([M, sq_cols] fp32). Summed in column order, they give rms_norm's variance.
+        t = tl.arange(0, SQ_PAD)
+        sq = tl.load(
+            sq_ptr + x_rows[:, None] * sq_cols + t[None, :],
+            mask=m_mask & (t < sq_cols)[None, :],
+            other=0.0,
+        )
+    nw_ptrs = nw_ptr + (k_start + offs_k)[None, :] + 0 * x_rows[:, None]  # only with RMS_NORM
+    r_offs = offs_m.to(tl.int64)[None, :] * res_row_stride + offs_n[:, None]
+    res = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # unused without ADD_RESIDUAL
+    if ADD_RESIDUAL:
+        # This tile's residual elements, read here so the load is off the tail's critical
+        # path. Safe under split-K: only the tile's last-arriving program writes them, after
+        # its own read and after every other program of the tile has arrived (and read).
+        res = tl.load(res_ptr + r_offs, mask=y_mask, other=0.0).to(tl.float32)
+
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
+        # rstd is loop-invariant, but computed in the loop on purpose (a select on k keeps the
+        # compiler from hoisting it): before the loop, its wait on the sq load would come
+        # ahead of the pipeline's first W and x copies and add a memory round trip per call.
+        rstd = tl.rsqrt(tl.sum(tl.where(k >= k_start, sq, 0.0), axis=1) / K + eps)
         if EVEN_K:
             w = tl.load(w_ptrs)
-            xk = _load_x_tile(x_ptrs, K, m_mask, SILU_MUL)
+            xk = _load_x_tile(x_ptrs, K, m_mask, SILU_MUL, RMS_NORM, rstd, nw_ptrs)
         else:
             k_mask = (k + offs_k)[None, :] < K
             w = tl.load(w_ptrs, mask=k_mask, other=0.0)
-            xk = _load_x_tile(x_ptrs, K, m_mask & k_mask, SILU_MUL)
+            xk = _load_x_tile(x_ptrs, K, m_mask & k_mask, SILU_MUL, RMS_NORM, rstd, nw_ptrs)
         if USE_DOT:
             # Swap AB: W's tile is the MMA's M side, the (padded) rows of x its N side.
             acc = tl.dot(w, tl.trans(xk), acc, input_precision=PRECISION)
@@ -290,13 +337,11 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
             acc += w.to(tl.float32) * xk.to(tl.float32)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+        nw_ptrs += BLOCK_K
 
     # The CUDA-core path reduces over K once, here: [BLOCK_N, BLOCK_K] -> [BLOCK_N, 1].
     out = acc if USE_DOT else tl.sum(acc, axis=1)[:, None]
 
-    # out[j, i] is y[offs_m[i], offs_n[j]].
-    y_offs = offs_m.to(tl.int64)[None, :] * y_row_stride + offs_n[:, None]
-    y_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     if SPLIT:
         # Workspace [S, M, N] fp32, contiguous: this tile of slice s at ws_tile + s * M * N.
         num_splits = tl.num_programs(1)
@@ -312,8 +357,8 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
         tl.debug_barrier()
         if count == num_splits - 1:
             # Last of the tile's S programs: sum the partials in slice order from 0 (the order
-            # fixes the rounding: bit for bit the former separate reduce kernel), bias in fp32,
-            # one cast.
+            # fixes the rounding: bit for bit the former separate reduce kernel), then the
+            # epilogue (bias in fp32, one cast, a store or a residual add).
             # `.cg` reads from L2, never from this SM's L1, which is not coherent with the
             # other SMs' stores; the loop is not pipelined (no cp.async copies into it).
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # BLOCK_M = 1 without dot
@@ -321,18 +366,36 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
                 total += tl.load(
                     ws_tile + s * slice_elems, mask=y_mask, other=0.0, cache_modifier=".cg"
                 )
-            if HAS_BIAS:
-                bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-                total += bias[:, None]
-            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            _epilogue(total, b_ptr, y_ptr, y_offs, y_mask, offs_n, offs_m, N, M, res_ptr, r_offs,
+                      res, sq_ptr, sq_cols, pid_n, HAS_BIAS, ADD_RESIDUAL)  # fmt: skip
             # Every program of this tile has arrived: reset for the next call (or graph replay),
             # which cannot start before this kernel completes (under PDL it waits in gdc_wait).
             tl.store(counter_ptr + pid, 0)
     else:
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            out += bias[:, None]
-        tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
+        _epilogue(out, b_ptr, y_ptr, y_offs, y_mask, offs_n, offs_m, N, M, res_ptr, r_offs, res,
+                  sq_ptr, sq_cols, pid_n, HAS_BIAS, ADD_RESIDUAL)  # fmt: skip
+
+
+@triton.jit
+def _epilogue(  # type: ignore[no-untyped-def]
+    total, b_ptr, y_ptr, y_offs, y_mask, offs_n, offs_m, N, M, res_ptr, r_offs, res, sq_ptr,
+    sq_cols, pid_n, HAS_BIAS, ADD_RESIDUAL,
+):  # fmt: skip
+    # The tile's fp32 result [BLOCK_N, BLOCK_M]: bias in fp32, one cast to the output dtype (as
+    # F.linear). With ADD_RESIDUAL the output is added to the residual rows instead of stored,
+    # rounded as triton_ops.fused_add_rms_norm rounds the sum, and the tile's sum of squares
+    # of the new residual per row goes to sq[row, pid_n] for the next GEMM's RMS_NORM.
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        total += bias[:, None]
+    y = total.to(y_ptr.dtype.element_ty)
+    if ADD_RESIDUAL:
+        summed = (y.to(tl.float32) + res).to(y_ptr.dtype.element_ty)
+        tl.store(res_ptr + r_offs, summed, mask=y_mask)
+        sf = tl.where(y_mask, summed.to(tl.float32), 0.0)
+        tl.store(sq_ptr + offs_m * sq_cols + pid_n, tl.sum(sf * sf, axis=0), mask=offs_m < M)
+    else:
+        tl.store(y_ptr + y_offs, y, mask=y_mask)
 
 
 # --- Split-K arrival counters -----------------------------------------------------------------
@@ -405,12 +468,27 @@ def supports(x: torch.Tensor, weight: torch.Tensor, *, act: Activation = "none")
     )
 
 
+@dataclass(frozen=True)
+class NormedInput:
+    """x is the residual stream, RMS-normalised by the GEMM as it loads x (no norm kernel):
+    weight * (x * rsqrt(sum(sumsq[row]) / K + eps)), with triton_ops.rms_norm's roundings.
+
+    sumsq [M, S] fp32 are partial sums of squares of x's rows, as skinny_linear_add leaves them
+    (summed in column order: the variance's rounding differs from the one-pass norm kernel's
+    in the last bits, the formula does not)."""
+
+    weight: torch.Tensor
+    sumsq: torch.Tensor
+    eps: float
+
+
 def skinny_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
     act: Activation = "none",
+    norm: NormedInput | None = None,
     out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
@@ -418,6 +496,7 @@ def skinny_linear(
 
     act="none": x is [M <= 16, K]. act="silu_mul": x is [M <= 16, 2K] = [gate | up] and act(x)
     is silu(gate) * up, bit for bit triton_ops.silu_and_mul(x) (fused into the x loads).
+    norm: x is [M, K] and act(x) is its RMSNorm (NormedInput), applied as x is loaded.
     fp32 accumulation, bias added in fp32, one rounding to the output dtype (as F.linear). `out`
     (optional) is [M, N] in x's dtype with contiguous rows; it may be a column slice of a wider
     buffer. config=None picks default_config(M, N, K). Graph-safe: no host syncs; the split-K
@@ -425,7 +504,57 @@ def skinny_linear(
     counters must exist before capture (any eager call of a split-K shape creates them).
     Launched with PDL when pdl.enabled().
     """
+    if out is None:
+        out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    _launch(x, weight, bias, act, norm, out, None, config)
+    return out
+
+
+def skinny_linear_add(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    act: Activation = "none",
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """residual += act(x) @ weight^T + bias, in place; returns the new residual rows' partial
+    sums of squares [M, S] fp32, the `sumsq` of a NormedInput for the next GEMM.
+
+    The product is rounded to the dtype (as skinny_linear returns it), then added to the
+    residual in fp32 and rounded again: bit for bit skinny_linear followed by
+    triton_ops.fused_add_rms_norm's residual update. residual is [M, N] with contiguous rows.
+    """
+    M, N = residual.shape[0], weight.shape[0]
+    assert residual.shape == (x.shape[0], N), (residual.shape, x.shape, weight.shape)
+    cfg = _config(x, weight, config)
+    sumsq = torch.empty((M, triton.cdiv(N, cfg.block_n)), dtype=torch.float32, device=x.device)
+    _launch(x, weight, bias, act, None, residual, sumsq, cfg)
+    return sumsq
+
+
+def _config(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None) -> GemvConfig:
+    if config is not None:
+        return config
+    return default_config(x.shape[0], *weight.shape, num_sms=_num_sms(x.device))
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: Activation,
+    norm: NormedInput | None,
+    out: torch.Tensor,
+    sumsq: torch.Tensor | None,
+    config: GemvConfig | None,
+) -> None:
+    """One kernel launch: out = act(x) @ W^T + b, or out += that (sumsq given: out is the
+    residual and sumsq receives its per-tile sums of squares)."""
     assert act in ("none", "silu_mul"), act
+    assert act == "none" or norm is None, "act and norm do not combine"
+    assert norm is None or sumsq is None, "a GEMM normalises its input or adds, not both"
     assert x.dim() == 2 and weight.dim() == 2, (x.shape, weight.shape)
     M = x.shape[0]
     N, K = weight.shape
@@ -439,16 +568,19 @@ def skinny_linear(
     if bias is not None:
         assert bias.shape == (N,) and bias.stride(0) == 1, (bias.shape, bias.stride(), N)
         assert bias.dtype == x.dtype and bias.device == x.device, (bias.dtype, bias.device)
-    if out is None:
-        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     assert out.shape == (M, N) and out.dtype == x.dtype, (out.shape, out.dtype, (M, N), x.dtype)
     assert out.stride(1) == 1 or N == 1, ("out rows must be contiguous", out.stride())
     assert out.device == x.device, (out.device, x.device)
+    if norm is not None:
+        assert norm.weight.shape == (K,) and norm.weight.stride(0) == 1, norm.weight.shape
+        assert norm.weight.dtype == x.dtype, (norm.weight.dtype, x.dtype)
+        assert norm.sumsq.dim() == 2 and norm.sumsq.shape[0] == M, (norm.sumsq.shape, M)
+        assert norm.sumsq.dtype == torch.float32 and norm.sumsq.is_contiguous()
     if M == 0 or N == 0:
-        return out
+        return
     assert K >= 1, "K == 0 is not a product"
 
-    cfg = default_config(M, N, K, num_sms=_num_sms(x.device)) if config is None else config
+    cfg = _config(x, weight, config)
     block_m = _DOT_BLOCK_M if cfg.use_dot else 1
     assert cfg.block_k >= 16 and cfg.block_k == triton.next_power_of_2(cfg.block_k), cfg
     assert cfg.block_n == triton.next_power_of_2(cfg.block_n), cfg
@@ -472,6 +604,10 @@ def skinny_linear(
     else:
         ws = counters = out  # unread when SPLIT is False
     use_pdl = pdl.enabled()
+    if sumsq is not None:
+        assert sumsq.shape == (M, triton.cdiv(N, cfg.block_n)) and sumsq.is_contiguous()
+    sq = norm.sumsq if norm is not None else sumsq
+    sq_cols = 1 if sq is None else sq.shape[1]
     _skinny_gemm_kernel[grid](
         x,
         x.stride(0),
@@ -482,6 +618,12 @@ def skinny_linear(
         out.stride(0),
         ws,
         counters,
+        out,  # the residual, read and written only with ADD_RESIDUAL
+        out.stride(0),
+        out if sq is None else sq,  # read only with RMS_NORM, written only with ADD_RESIDUAL
+        sq_cols,
+        x if norm is None else norm.weight,  # read only with RMS_NORM
+        0.0 if norm is None else norm.eps,
         M,
         N,
         K,
@@ -495,10 +637,12 @@ def skinny_linear(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         SILU_MUL=act == "silu_mul",
+        RMS_NORM=norm is not None,
+        ADD_RESIDUAL=sumsq is not None,
+        SQ_PAD=triton.next_power_of_2(sq_cols),
         USE_PDL=use_pdl,
         PREFETCH_TILES=cfg.prefetch_tiles if use_pdl else 0,  # one compile when PDL is off
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl.launch_kwargs(),
     )
-    return out

@@ -57,6 +57,7 @@ def _qk_norm_rope_kv_kernel(  # type: ignore[no-untyped-def]
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    STATIC_INDEX: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     # Grid (tokens, head groups). Region map of axis 1, BLOCK_H heads per group:
@@ -77,12 +78,21 @@ def _qk_norm_rope_kv_kernel(  # type: ignore[no-untyped-def]
         w_ptr = tl.where(is_q, q_w_ptr, k_w_ptr)
         w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
-    if USE_PDL:  # positions and slots are refilled by the host every step: read after the wait
+    if STATIC_INDEX:  # positions and slots were filled before the step's first kernel
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        cos = tl.load(cos_ptr + pos * table_row_stride + d, mask=d < HALF, other=0.0)
+        sin = tl.load(sin_ptr + pos * table_row_stride + d, mask=d < HALF, other=0.0)
+    if USE_PDL:  # otherwise a previous kernel may have written positions and slots
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    pos = tl.load(pos_ptr + tok).to(tl.int64)
-    cos = tl.load(cos_ptr + pos * table_row_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * table_row_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
+    if not STATIC_INDEX:
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        cos = tl.load(cos_ptr + pos * table_row_stride + d, mask=d < HALF, other=0.0)
+        sin = tl.load(sin_ptr + pos * table_row_stride + d, mask=d < HALF, other=0.0)
+    cos = cos.to(tl.float32)
+    sin = sin.to(tl.float32)
     src = x_ptr + h * x_head_stride + d
     x1 = tl.load(src, mask=half_mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=half_mask, other=0.0).to(tl.float32)
@@ -109,7 +119,6 @@ def _qk_norm_rope_kv_kernel(  # type: ignore[no-untyped-def]
     tl.store(src + HALF, o2, mask=half_mask)
 
     # k groups: the rotated k and the untouched v into the caches (slot < 0: padding, skipped).
-    slot = tl.load(slot_ptr + tok).to(tl.int64)
     valid = (slot >= 0) & (group >= num_q_groups)
     dst = k_cache_ptr + slot * cache_slot_stride + h * cache_head_stride + d
     cache_mask = half_mask & valid
@@ -135,6 +144,7 @@ def qk_norm_rope_write_kv(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    static_index: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention prologue in one kernel; returns (q, k), rotated in place.
 
@@ -143,6 +153,10 @@ def qk_norm_rope_write_kv(
     With q_norm_weight and k_norm_weight ([D], model dtype: Qwen3) each q and k head is first
     RMS-normalised. Bit for bit the sequence rms_norm (per head) -> rotary_embedding(inplace=True)
     -> write_kv_cache, including its roundings to the model dtype in between.
+
+    static_index: positions and slot_mapping were written before the step's first kernel (a
+    CUDA graph's input buffers), so under PDL they and the cos/sin rows are read before the
+    wait for the previous kernel (the qkv GEMM): one dependent round trip fewer per layer.
 
     Grid: (tokens, head groups of 4). A decode step of one sequence with 32 + 8 heads gets ten
     programs that run side by side; one program per token would walk the heads in turn, and its
@@ -206,6 +220,7 @@ def qk_norm_rope_write_kv(
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         HAS_NORM=has_norm,
+        STATIC_INDEX=static_index,
         USE_PDL=pdl.enabled(),
         # With the norm, one warp per head row (see the kernel); without, one warp carries a
         # whole [4, D/2] tile in 16-byte accesses: the op is latency-bound at decode sizes.

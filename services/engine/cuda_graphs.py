@@ -101,7 +101,10 @@ class DecodeGraphs:
         sms = num_sms_of(device)
         for b in self.buckets:
             splits = choose_num_splits(b, num_kv_heads, max_model_len, sms)
-            plan = plan_decode(self._tables[:b], self._ints[3, :b], block_size, splits)
+            # The tables and seq_lens are copied in before each replay: static for the graph.
+            plan = plan_decode(
+                self._tables[:b], self._ints[3, :b], block_size, splits, static_inputs=True
+            )
             self._metas[b] = AttentionMetadata(
                 slot_mapping=self._ints[2, :b],
                 block_tables=self._tables[:b],

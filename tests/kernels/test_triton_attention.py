@@ -224,7 +224,8 @@ def test_decode_splits_ragged_and_padding(
     num_splits: int, dtype: torch.dtype, heads: int, kv_heads: int, pdl_launch: bool
 ) -> None:
     """Split-KV plus merge over ragged contexts (some splits empty) and a padding row, with and
-    without PDL launches: the reference's output, the same bits on every call."""
+    without PDL launches: the reference's output, the same bits on every call, and with
+    preload (the short-context path that reads K/V before the PDL wait) too."""
     seqs = [(300, 1), (9, 1), (0, 1), (130, 1), (63, 1)]  # row 2 becomes padding
     q, k_cache, v_cache, tables, seq_lens, qsl = make_batch(
         seqs, dtype, heads=heads, kv_heads=kv_heads, seed=num_splits
@@ -234,11 +235,14 @@ def test_decode_splits_ragged_and_padding(
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     lens[2] = 0
     outs = []
-    for _ in range(2):
+    for preload in (False, False, True):
         out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
-        paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits, out=out)
+        paged_decode_attention(
+            q, k_cache, v_cache, tables, lens, scale, num_splits, out=out, preload=preload
+        )
         outs.append(out)
     assert torch.equal(outs[0], outs[1]), "deterministic"
+    assert torch.equal(outs[0], outs[2]), "preload (graph buffers) changes no bit"
     assert torch.equal(outs[0][2].cpu(), torch.zeros(heads, DIM, dtype=dtype))
     live = [0, 1, 3, 4]
     assert_close_to(outs[0][live], want[live], dtype)

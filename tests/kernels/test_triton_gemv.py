@@ -33,12 +33,14 @@ from baton.kernels import pdl  # noqa: E402
 from baton.kernels import triton_gemv as gemv  # noqa: E402
 from baton.kernels.triton_gemv import (  # noqa: E402
     GemvConfig,
+    NormedInput,
     choose_split_k,
     default_config,
     skinny_linear,
+    skinny_linear_add,
     supports,
 )
-from baton.kernels.triton_ops import silu_and_mul  # noqa: E402
+from baton.kernels.triton_ops import fused_add_rms_norm, silu_and_mul  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 PDL_OK = ON_GPU and pdl.supported(DEVICE)
@@ -295,6 +297,98 @@ def test_silu_mul_fused(name: str, dtype: torch.dtype, use_pdl: bool) -> None:
     assert _same_bits(no_bias, skinny_linear(h, w, config=cfg))
 
 
+# --- Residual add (producer) and RMSNorm (consumer) fused into the GEMM -------------------------
+
+FUSE_CONFIGS = {
+    "default": None,
+    "split4": GemvConfig(block_n=32, block_k=64, split_k=4),
+    "fma_split2": GemvConfig(block_n=32, block_k=64, split_k=2, num_stages=1, use_dot=False),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSE_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["none", "silu_mul"])
+def test_add_residual(name: str, dtype: torch.dtype, act: str, use_pdl: bool) -> None:
+    """residual += the product, bit for bit skinny_linear then fused_add_rms_norm's update; the
+    returned partial sums of squares add up to the new residual rows' sum of squares. N = 100
+    leaves a partial column block (its padded columns must add nothing)."""
+    M, N, K = 3, 100, 256
+    cfg = FUSE_CONFIGS[name]
+    g = torch.Generator().manual_seed(len(name) + len(act))
+    x_cols = 2 * K if act == "silu_mul" else K
+    x = torch.randn(M, x_cols, generator=g).to(dtype=dtype, device=DEVICE)
+    w = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype=dtype, device=DEVICE)
+    b = torch.randn(N, generator=g).to(dtype=dtype, device=DEVICE)
+    residual = (torch.randn(M, N, generator=g) * 3).to(dtype=dtype, device=DEVICE)
+    y = skinny_linear(x, w, b, act=act, config=cfg)  # type: ignore[arg-type]
+    want = residual.clone()  # the norm kernel's in-place residual update, same roundings
+    fused_add_rms_norm(y, want, torch.ones(N, dtype=dtype, device=DEVICE), 1e-6)
+    sumsq = skinny_linear_add(x, w, residual, b, act=act, config=cfg)  # type: ignore[arg-type]
+    _assert_counters_zero()
+    assert _same_bits(residual, want)
+    block_n = (cfg or default_config(M, N, K)).block_n
+    assert sumsq.shape == (M, -(-N // block_n)) and sumsq.dtype == torch.float32
+    torch.testing.assert_close(
+        sumsq.sum(1).double(), residual.double().pow(2).sum(1), rtol=1e-5, atol=0
+    )
+
+
+def _rms_norm_from_sumsq(
+    x: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """HF's RMSNorm roundings with the variance taken from sumsq (float64 sum, then fp32)."""
+    variance = (sumsq.double().sum(1, keepdim=True) / x.shape[1]).float()
+    normed = (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+    return (weight.float() * normed.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("name", list(FUSE_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 5])
+def test_normed_input(name: str, dtype: torch.dtype, M: int, use_pdl: bool) -> None:
+    """The GEMM of the RMS-normalised x equals the GEMM of the normalised x: exactly where the
+    normalisation is exact to the bit, and to a bf16 ulp of rsqrt otherwise. K = 264: a
+    masked K tail, and the norm weight's tail masked with it."""
+    N, K, eps = 96, 264, 1e-5
+    cfg = FUSE_CONFIGS[name]
+    g = torch.Generator().manual_seed(M + len(name))
+    x = (torch.randn(M, K, generator=g) * 4).to(dtype=dtype, device=DEVICE)
+    w = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype=dtype, device=DEVICE)
+    norm_w = (1 + torch.rand(K, generator=g)).to(dtype=dtype, device=DEVICE)
+    sq_rows = x.float().pow(2)
+    sumsq = torch.stack([sq_rows[:, :100].sum(1), sq_rows[:, 100:].sum(1)], 1).contiguous()
+    norm = NormedInput(norm_w, sumsq, eps)
+    fused = skinny_linear(x, w, norm=norm, out=_poison(M, N, dtype), config=cfg)
+    ref_in = _rms_norm_from_sumsq(x, norm_w, sumsq, eps)
+    _check(fused, ref_in, w, None)
+    plain = skinny_linear(ref_in, w, config=cfg)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused.float(), plain.float(), atol=tol, rtol=tol)
+
+
+def test_add_then_normed_input_matches_norm_kernel() -> None:
+    """The decode layer's chain, o_proj adding into the residual and gate_up normalising it,
+    against the kernels it replaces (skinny_linear, fused_add_rms_norm, skinny_linear)."""
+    M, H, inter, eps = 2, 128, 192, 1e-6
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(5)
+    attn = torch.randn(M, H, generator=g).to(dtype=dtype, device=DEVICE)
+    w_o = (torch.randn(H, H, generator=g) * H**-0.5).to(dtype=dtype, device=DEVICE)
+    w_gu = (torch.randn(inter, H, generator=g) * H**-0.5).to(dtype=dtype, device=DEVICE)
+    norm_w = (1 + torch.rand(H, generator=g)).to(dtype=dtype, device=DEVICE)
+    residual = torch.randn(M, H, generator=g).to(dtype=dtype, device=DEVICE)
+
+    res_ref = residual.clone()
+    normed, _ = fused_add_rms_norm(skinny_linear(attn, w_o), res_ref, norm_w, eps)
+    want = skinny_linear(normed, w_gu)
+
+    sumsq = skinny_linear_add(attn, w_o, residual)
+    got = skinny_linear(residual, w_gu, norm=NormedInput(norm_w, sumsq, eps))
+    assert _same_bits(residual, res_ref)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
 # --- supports() and the heuristic -------------------------------------------------------------
 
 
@@ -328,7 +422,8 @@ TARGETS = {  # (K, N) of Llama-3.1-8B and Qwen3-8B projections
 
 
 def test_default_config_heuristic() -> None:
-    """Valid launch shapes for every M; split-K exactly where the columns alone leave SMs idle."""
+    """Valid launch shapes for every M; split-K exactly where the columns alone leave SMs idle,
+    and never past one wave of resident programs."""
     for M in range(1, 17):
         for name, (K, N) in TARGETS.items():
             cfg = default_config(M, N, K, num_sms=132)
@@ -336,10 +431,13 @@ def test_default_config_heuristic() -> None:
             assert K // cfg.block_k >= 4 * cfg.split_k, ("slices keep >= 4 tiles", name, cfg)
             split = cfg.split_k > 1
             assert split == (N <= 6144), (name, cfg)
+            programs = -(-N // cfg.block_n) * cfg.split_k
+            assert not split or programs <= 132 * gemv.ctas_per_sm(cfg), ("one wave", name, cfg)
     assert default_config(1, 100, 72).block_k == 128, "one masked tile"
     assert default_config(1, 1, 8).block_k == 16, "tl.dot's minimum"
     assert choose_split_k(2000, 32, 264) == 1
     assert choose_split_k(64, 32, 264) == 4
+    assert choose_split_k(96, 32, 264) == 2, "4 would need a second wave"
     assert choose_split_k(64, 4, 264) == 1, "too few tiles to split"
 
 
@@ -430,8 +528,9 @@ from baton.kernels import triton_gemv as gemv
 
 fn = gemv._skinny_gemm_kernel
 consts = dict(HAS_BIAS=True, SPLIT=True, EVEN_K=False, USE_DOT=True, PRECISION="tf32",
-              BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SILU_MUL=True, USE_PDL=True, PREFETCH_TILES=2)
-types = {"ws_ptr": "*fp32", "counter_ptr": "*i32"}
+              BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SILU_MUL=True, RMS_NORM=False,
+              ADD_RESIDUAL=True, SQ_PAD=64, USE_PDL=True, PREFETCH_TILES=2)
+types = {"ws_ptr": "*fp32", "counter_ptr": "*i32", "sq_ptr": "*fp32", "eps": "fp32"}
 signature, attrs = {}, {}
 for i, name in enumerate(fn.arg_names):
     if name in consts:

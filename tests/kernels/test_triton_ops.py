@@ -261,10 +261,15 @@ def _split_qkv(
     return q, k, v
 
 
+@pytest.mark.parametrize("static_index", [False, True], ids=["index", "static_index"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(PROLOGUE_CASES))
-def test_qk_norm_rope_write_kv(case: str, dtype: torch.dtype, pdl_launch: bool) -> None:
-    """Bit for bit the engine's unfused sequence; close to the float64 plain-torch oracle."""
+def test_qk_norm_rope_write_kv(
+    case: str, dtype: torch.dtype, static_index: bool, pdl_launch: bool
+) -> None:
+    """Bit for bit the engine's unfused sequence; close to the float64 plain-torch oracle.
+    static_index (graph buffers: positions and slots read before the PDL wait) changes no
+    bit."""
     hq, hk, head_dim = PROLOGUE_CASES[case][:3]
     qkv, a, cache_shape = _prologue_inputs(case, dtype)
     positions, cos_h, sin_h, slots = a["positions"], a["cos_half"], a["sin_half"], a["slot_mapping"]
@@ -284,7 +289,7 @@ def test_qk_norm_rope_write_kv(case: str, dtype: torch.dtype, pdl_launch: bool) 
     q, k, v = _split_qkv(got_qkv, hq, hk, head_dim)
     k_cache, v_cache = _poison(*cache_shape, dtype=dtype), _poison(*cache_shape, dtype=dtype)
     got_q, got_k = triton_prologue.qk_norm_rope_write_kv(
-        positions, q, k, v, cos_h, sin_h, k_cache, v_cache, slots, wq, wk, EPS
+        positions, q, k, v, cos_h, sin_h, k_cache, v_cache, slots, wq, wk, EPS, static_index
     )
     assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr(), "in place"
     # Bitwise where the engine runs (half precision, and fp32 under the interpreter). On a GPU

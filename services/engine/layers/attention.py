@@ -48,6 +48,12 @@ class AttentionMetadata:
     backend: str = "triton"
     """CUDA kernels: "triton" or "flashinfer" (the CPU path ignores it)."""
 
+    @property
+    def static_inputs(self) -> bool:
+        """Whether slot_mapping, positions and the device plan's tables are buffers filled before
+        the step's first kernel (a CUDA graph's), which kernels may read early under PDL."""
+        return bool(getattr(self.device_plan, "static_inputs", False))
+
     @cached_property
     def plan(self) -> AttentionPlan:
         """The kernel's index work for this step: built by the first layer, reused by the rest."""

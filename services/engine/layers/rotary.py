@@ -81,9 +81,12 @@ class RopeStep:
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
         norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+        static_index: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """CUDA: the attention prologue in one kernel. Optional per-head RMSNorm of q and k
-        (norms = q weight, k weight, eps), RoPE in place, k and v written at slot_mapping."""
+        (norms = q weight, k weight, eps), RoPE in place, k and v written at slot_mapping.
+        static_index: positions and slot_mapping are a CUDA graph's input buffers (read early
+        under PDL; see qk_norm_rope_write_kv)."""
         from baton.kernels.triton_prologue import qk_norm_rope_write_kv
 
         q_w, k_w, eps = norms if norms is not None else (None, None, 1e-6)
@@ -100,6 +103,7 @@ class RopeStep:
             q_norm_weight=q_w,
             k_norm_weight=k_w,
             eps=eps,
+            static_index=static_index,
         )
 
     def rotate_packed(self, qk: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,155 @@
+"""Where a batch-1 decode step's time goes: the decode graph replayed with one stage left out.
+
+    python -m baton.services.engine.bench_ablation [--model llama-3.1-8b] [--batches 1 4 16]
+
+Captures the engine's decode CUDA graphs (random-weight model from its real config, bf16, 1k
+context, max_model_len as bench_gpu) once per variant and times their replay. A variant swaps
+one stage for a no-op (the norms, the attention prologue, the attention itself), or turns off
+one optimisation (norms folded into the GEMMs, the graph-buffer fast paths), so each row's
+difference to "full" is what that stage or optimisation costs or buys. Outputs of the ablated
+graphs are meaningless; only their time is read. Prints a table and writes bench_ablation.json
+to $OUT (or bench_out/). Without CUDA it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONTEXT = 1024
+MAX_LEN = 8256  # bench_gpu's engine: it sets the graphs' split-KV count
+
+
+@contextlib.contextmanager
+def _patched(obj: object, name: str, value: object) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _variants(model: Any) -> dict[str, Callable[[], contextlib.AbstractContextManager[Any]]]:
+    from baton.kernels import triton_attention
+    from baton.services.engine.layers import attention, norm, rotary
+
+    def no_norms() -> contextlib.AbstractContextManager[Any]:
+        stack = contextlib.ExitStack()
+        stack.enter_context(_patched(model, "fuse_decode_norms", False))
+        stack.enter_context(_patched(norm.RMSNorm, "forward", lambda self, x: x))
+        stack.enter_context(_patched(norm.RMSNorm, "add_and_norm", lambda self, x, r: (x, r)))
+        return stack
+
+    def no_prologue() -> contextlib.AbstractContextManager[None]:
+        return _patched(rotary.RopeStep, "rotate_and_write_kv", lambda self, q, k, *a, **kw: (q, k))
+
+    def no_attention() -> contextlib.AbstractContextManager[None]:
+        return _patched(
+            attention.Attention, "forward", lambda self, q, *a, **kw: q.reshape(q.shape[0], -1)
+        )
+
+    plan = triton_attention.plan_decode
+
+    def not_static(*args: Any, **kwargs: Any) -> Any:
+        return plan(*args, **{**kwargs, "static_inputs": False})
+
+    return {
+        "full": contextlib.nullcontext,
+        "norms as kernels (not folded)": lambda: _patched(model, "fuse_decode_norms", False),
+        "graph-buffer fast paths off": lambda: _patched(
+            triton_attention, "plan_decode", not_static
+        ),
+        "no norms": no_norms,
+        "no attention prologue": no_prologue,
+        "no attention (split + merge)": no_attention,
+    }
+
+
+def _time_buckets(graphs: Any, batches: list[int]) -> dict[int, float]:
+    """Median ms per replay of each bucket, 8 back-to-back replays per sample."""
+    out = {}
+    for b in batches:
+        blocks = CONTEXT // graphs.block_size
+        graphs._ints[0, :b] = 100
+        graphs._ints[1, :b] = CONTEXT - 1
+        graphs._ints[2, :b] = -1  # write no KV
+        graphs._ints[3, :b] = CONTEXT
+        ids = torch.arange(b * blocks, dtype=torch.int32, device=graphs._tables.device)
+        graphs._tables[:b, :blocks] = ids.view(b, blocks)
+        for _ in range(3):
+            graphs.replay(b)
+        samples = []
+        for _ in range(15):
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record()
+            for _ in range(8):
+                graphs.replay(b)
+            end.record()
+            end.synchronize()
+            samples.append(float(start.elapsed_time(end)) / 8)
+        out[b] = statistics.median(samples)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--model", default="llama-3.1-8b")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_ablation: no CUDA device, nothing to measure")
+        return 0
+    from baton.services.engine.bench_gpu import _engine, _weight_bytes_per_step, copy_bandwidth
+    from baton.services.engine.cuda_graphs import DecodeGraphs
+
+    engine = _engine(args.model, max(args.batches), MAX_LEN)
+    runner = engine.core.runner
+    model, kv_cache = runner.model, runner.kv_cache
+    runner.graphs = None  # each variant captures its own
+    gc.collect()
+    torch.cuda.empty_cache()
+    ideal_ms = _weight_bytes_per_step(engine) / copy_bandwidth() * 1e3
+    rows: list[dict[str, Any]] = []
+    for name, variant in _variants(model).items():
+        with variant():
+            graphs = DecodeGraphs(
+                model, kv_cache, block_size=16, max_batch=max(args.batches), max_model_len=MAX_LEN
+            )
+            graphs.capture()
+            ms = _time_buckets(graphs, args.batches)
+        del graphs
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append({"variant": name, "ms": ms})
+        print(f"{name}: {ms}", flush=True)
+    full: dict[int, float] = rows[0]["ms"]
+    print(f"\n{torch.cuda.get_device_name()}: {args.model}, context {CONTEXT}; weights alone "
+          f"{ideal_ms:.3f} ms at the measured copy bandwidth")  # fmt: skip
+    head = "".join(f"{'b=' + str(b) + ' ms':>10}{'delta':>8}" for b in args.batches)
+    print(f"{'variant':<32}{head}")
+    for r in rows:
+        cells = "".join(f"{r['ms'][b]:>10.3f}{r['ms'][b] - full[b]:>+8.3f}" for b in args.batches)
+        print(f"{r['variant']:<32}{cells}")
+    out_dir = Path(os.environ.get("OUT") or "bench_out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "model": args.model}
+    result["context"] = CONTEXT
+    result |= {"weights_ms": ideal_ms, "rows": rows}
+    (out_dir / "bench_ablation.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out_dir / 'bench_ablation.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
