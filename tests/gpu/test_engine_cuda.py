@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -109,6 +110,15 @@ def _robust_prompts(hf: torch.nn.Module, count: int) -> list[tuple[list[int], li
     return kept
 
 
+def _tiny_llm(path: Path, **options: object) -> Any:
+    """The engine on a _save_tiny model: bf16 on CUDA, 256 blocks, up to 8 sequences."""
+    from baton import LLM
+
+    return LLM(
+        model=str(path), device="cuda", dtype="bfloat16", num_blocks=256, max_num_seqs=8, **options
+    )
+
+
 def _flashinfer_or_skip() -> None:
     from baton.kernels.flashinfer_attention import flashinfer_available
 
@@ -123,21 +133,14 @@ def test_greedy_matches_transformers_bf16(tmp_path: Path, arch: str, backend: st
     """32 greedy tokens identical to transformers' bf16 ones on prompts whose greedy path is
     decided (_robust_prompts); with Triton, decode runs from CUDA graphs; the first step's top-5
     logprobs agree with transformers' to bf16 accuracy."""
-    from baton import LLM, SamplingParams
+    from baton import SamplingParams
 
     if backend == "flashinfer":
         _flashinfer_or_skip()
     hf = _save_tiny(tmp_path, arch)
     cases = _robust_prompts(hf, 5)
     prompts = [prompt for prompt, _ in cases]
-    llm = LLM(
-        model=str(tmp_path),
-        device="cuda",
-        dtype="bfloat16",
-        num_blocks=256,
-        max_num_seqs=8,
-        attention_backend=backend,
-    )
+    llm = _tiny_llm(tmp_path, attention_backend=backend)
     graphs = llm.engine.core.runner.graphs
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
     outs = llm.generate(prompts, params)
@@ -267,19 +270,12 @@ def test_decode_norms_folded_into_gemms(tmp_path: Path, arch: str) -> None:
     norm kernels: transformers' greedy tokens either way on decided prompts, and every decode
     step's top logprobs within bf16 noise of each other (batches of 1 and 5, eager, so the
     switch takes effect between calls)."""
-    from baton import LLM, SamplingParams
+    from baton import SamplingParams
 
     hf = _save_tiny(tmp_path, arch)
     cases = _robust_prompts(hf, 5)
     prompts = [prompt for prompt, _ in cases]
-    llm = LLM(
-        model=str(tmp_path),
-        device="cuda",
-        dtype="bfloat16",
-        num_blocks=256,
-        max_num_seqs=8,
-        enforce_eager=True,
-    )
+    llm = _tiny_llm(tmp_path, enforce_eager=True)
     model = llm.engine.core.runner.model
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3)
     runs = {}
