@@ -156,9 +156,10 @@ def _ptx_check() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from baton.kernels import triton_argmax
     from baton.kernels import triton_ops as ops
 
-    pointer_types = {"pos_ptr": "*i64", "slot_ptr": "*i64"}
+    pointer_types = {"pos_ptr": "*i64", "slot_ptr": "*i64", "ids_ptr": "*i64", "sq_ptr": "*fp32"}
     # (kernel, constexprs, elements per tile: the wrappers pick num_warps from it)
     cases = [
         (ops._rms_norm_kernel, {"HAS_RESIDUAL": True, "BLOCK_N": 1024}, 1024),
@@ -174,14 +175,18 @@ def _ptx_check() -> int:
             16 * 32,
         ),
         (ops._silu_and_mul_kernel, {"BLOCK": 1024}, 1024),
+        (ops._embed_sumsq_kernel, {"BLOCK_N": 4096}, 4096),
+        (triton_argmax._argmax_kernel, {"CHUNK": 4096, "CHUNKS_PAD": 32}, 4096),
         (
             ops._write_kv_kernel,
             {"NUM_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8, "BLOCK_D": 128},
             8 * 128,
         ),
     ]
+    argmax_pointers = {"part_idx_ptr": "*i32", "counter_ptr": "*i32", "out_ptr": "*i64"}
     failed = 0
     for fn, consts, tile in cases:
+        pointers = pointer_types | (argmax_pointers if fn is triton_argmax._argmax_kernel else {})
         num_warps = ops._num_warps(tile)
         signature: dict[str, str] = {}
         attrs = {}
@@ -191,9 +196,7 @@ def _ptx_check() -> int:
             elif name == "eps":
                 signature[name] = "fp32"
             else:
-                signature[name] = (
-                    pointer_types.get(name, "*bf16") if name.endswith("_ptr") else "i32"
-                )
+                signature[name] = pointers.get(name, "*bf16") if name.endswith("_ptr") else "i32"
                 attrs[(i,)] = [["tt.divisibility", 16]]
         src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
         kernel = triton.compile(

@@ -292,29 +292,30 @@ def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
                 total += tl.load(
                     ws_tile + s * slice_elems, mask=y_mask, other=0.0, cache_modifier=".cg"
                 )
-            _epilogue(total, b_ptr, y_ptr, y_offs, y_mask, offs_n, offs_m, N, M, res_ptr, r_offs,
-                      res, sq_ptr, sq_cols, pid_n, HAS_BIAS, ADD_RESIDUAL)  # fmt: skip
+            _epilogue(total, x_ptr, b_ptr, y_ptr, y_offs, y_mask, offs_n, offs_m, N, M, res_ptr,
+                      r_offs, res, sq_ptr, sq_cols, pid_n, HAS_BIAS, ADD_RESIDUAL)  # fmt: skip
             # Every program of this tile has arrived: reset for the next call (or graph replay),
             # which cannot start before this kernel completes (under PDL it waits in gdc_wait).
             tl.store(counter_ptr + pid, 0)
     else:
-        _epilogue(out, b_ptr, y_ptr, y_offs, y_mask, offs_n, offs_m, N, M, res_ptr, r_offs, res,
-                  sq_ptr, sq_cols, pid_n, HAS_BIAS, ADD_RESIDUAL)  # fmt: skip
+        _epilogue(out, x_ptr, b_ptr, y_ptr, y_offs, y_mask, offs_n, offs_m, N, M, res_ptr, r_offs,
+                  res, sq_ptr, sq_cols, pid_n, HAS_BIAS, ADD_RESIDUAL)  # fmt: skip
 
 
 @triton.jit
 def _epilogue(  # type: ignore[no-untyped-def]
-    total, b_ptr, y_ptr, y_offs, y_mask, offs_n, offs_m, N, M, res_ptr, r_offs, res, sq_ptr,
+    total, x_ptr, b_ptr, y_ptr, y_offs, y_mask, offs_n, offs_m, N, M, res_ptr, r_offs, res, sq_ptr,
     sq_cols, pid_n, HAS_BIAS, ADD_RESIDUAL,
 ):  # fmt: skip
-    # The tile's fp32 result [BLOCK_N, BLOCK_M]: bias in fp32, one cast to the output dtype (as
-    # F.linear). With ADD_RESIDUAL the output is added to the residual rows instead of stored,
+    # The tile's fp32 result [BLOCK_N, BLOCK_M]: bias in fp32, one cast to x's dtype (as
+    # F.linear), then to the output's if that is wider (fp32 logits: F.linear then .float()).
+    # With ADD_RESIDUAL the output is added to the residual rows instead of stored,
     # rounded as triton_ops.fused_add_rms_norm rounds the sum, and the tile's sum of squares
     # of the new residual per row goes to sq[row, pid_n] for the next GEMM's RMS_NORM.
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         total += bias[:, None]
-    y = total.to(y_ptr.dtype.element_ty)
+    y = total.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)
     if ADD_RESIDUAL:
         summed = (y.to(tl.float32) + res).to(y_ptr.dtype.element_ty)
         tl.store(res_ptr + r_offs, summed, mask=y_mask)
@@ -418,16 +419,17 @@ def skinny_linear(
     out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """y = act(x) @ weight^T + bias for weight [N, K], bias [N] → y [M, N] in x's dtype.
+    """y = act(x) @ weight^T + bias for weight [N, K], bias [N] → y [M, N] in x's dtype
+    (or in fp32 when `out` is: the product rounded to x's dtype first, as F.linear(...).float()).
 
     act="none": x is [M <= 16, K]. act="silu_mul": x is [M <= 16, 2K] = [gate | up] and act(x)
     is silu(gate) * up, bit for bit triton_ops.silu_and_mul(x) (fused into the x loads).
     norm: x is [M, K] and act(x) is its RMSNorm (NormedInput), applied as x is loaded.
-    fp32 accumulation, bias added in fp32, one rounding to the output dtype (as F.linear). `out`
-    (optional) is [M, N] in x's dtype with contiguous rows; it may be a column slice of a wider
-    buffer. config=None picks default_config(M, N, K). Graph-safe: no host syncs; the split-K
-    workspace is a fresh torch.empty (a graph's private pool during capture), and the split-K
-    counters must exist before capture (any eager call of a split-K shape creates them).
+    fp32 accumulation, bias added in fp32, one rounding to x's dtype (as F.linear). `out`
+    (optional) is [M, N] in x's dtype or fp32 with contiguous rows; it may be a column slice of
+    a wider buffer. config=None picks default_config(M, N, K). Graph-safe: no host syncs; the
+    split-K workspace is a fresh torch.empty (a graph's private pool during capture), and the
+    split-K counters must exist before capture (any eager call of a split-K shape creates them).
     Launched with PDL when pdl.enabled().
     """
     if out is None:
@@ -494,7 +496,9 @@ def _launch(
     if bias is not None:
         assert bias.shape == (N,) and bias.stride(0) == 1, (bias.shape, bias.stride(), N)
         assert bias.dtype == x.dtype and bias.device == x.device, (bias.dtype, bias.device)
-    assert out.shape == (M, N) and out.dtype == x.dtype, (out.shape, out.dtype, (M, N), x.dtype)
+    assert out.shape == (M, N), (out.shape, (M, N))
+    wide = out.dtype == torch.float32 and sumsq is None  # fp32 logits from a half-precision x
+    assert out.dtype == x.dtype or wide, ("out is x's dtype (or fp32)", out.dtype, x.dtype)
     assert out.stride(1) == 1 or N == 1, ("out rows must be contiguous", out.stride())
     assert out.device == x.device, (out.device, x.device)
     if norm is not None:

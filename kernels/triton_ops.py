@@ -8,6 +8,7 @@ prefill sizes, row * stride overflows int32 (e.g. 64k tokens x 32k intermediate)
 
     rms_norm(x, weight, eps)                       -> normed
     fused_add_rms_norm(x, residual, weight, eps)   -> (normed, residual), residual updated in place
+    embedding_sumsq(ids, table)                    -> (table[ids], per-row sums of squares)
     rotary_embedding(positions, q, k, cos_half, sin_half, inplace=...) -> (q_rot, k_rot)
     silu_and_mul(x)                                -> silu(x[..., :I]) * x[..., I:]
     write_kv_cache(key, value, k_cache, v_cache, slot_mapping)  (slots < 0 are padding, skipped)
@@ -155,6 +156,61 @@ def fused_add_rms_norm(
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     _launch_rms_norm(x, residual, weight, out, eps)
     return out, residual
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _embed_sumsq_kernel(  # type: ignore[no-untyped-def]
+    ids_ptr,
+    table_ptr,
+    table_row_stride,
+    out_ptr,
+    out_row_stride,
+    sq_ptr,
+    n_cols,
+    BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # One program per token: its table row, copied, and the row's sum of squares in fp32.
+    row = tl.program_id(0).to(tl.int64)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    tok = tl.load(ids_ptr + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    x = tl.load(table_ptr + tok * table_row_stride + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * out_row_stride + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    tl.store(sq_ptr + row, tl.sum(xf * xf, axis=0))
+
+
+def embedding_sumsq(ids: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedding lookup with each row's sum of squares: (table[ids] [T, D], sumsq [T, 1]
+    fp32), the sumsq a NormedInput (triton_gemv) takes, so the first layer's input norm needs no
+    kernel of its own. ids: [T] ints, each in [0, table rows) (not checked on the device)."""
+    assert ids.dim() == 1 and not ids.is_floating_point() and ids.is_contiguous(), ids.shape
+    _check_rows("table", table, table.shape[1] if table.dim() == 2 else -1)
+    assert ids.device == table.device, (ids.device, table.device)
+    n_rows, n_cols = ids.shape[0], table.shape[1]
+    out = torch.empty((n_rows, n_cols), dtype=table.dtype, device=table.device)
+    sumsq = torch.empty((n_rows, 1), dtype=torch.float32, device=table.device)
+    if n_rows == 0:
+        return out, sumsq
+    block_n = triton.next_power_of_2(n_cols)
+    _embed_sumsq_kernel[(n_rows,)](
+        ids,
+        table,
+        table.stride(0),
+        out,
+        out.stride(0),
+        sumsq,
+        n_cols,
+        BLOCK_N=block_n,
+        USE_PDL=pdl.enabled(),
+        num_warps=_num_warps(block_n),
+        **pdl.launch_kwargs(),
+    )
+    return out, sumsq
 
 
 # --- Rotary embedding (neox: dim i pairs with i + D/2) ----------------------------------------

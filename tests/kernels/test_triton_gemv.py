@@ -367,6 +367,28 @@ def test_normed_input(name: str, dtype: torch.dtype, M: int, use_pdl: bool) -> N
     torch.testing.assert_close(fused.float(), plain.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("name", list(FUSE_CONFIGS))
+def test_fp32_out_is_the_rounded_product(name: str, use_pdl: bool) -> None:
+    """An fp32 `out` (the LM head's logits) holds the bf16 result widened, bit for bit
+    skinny_linear(...).float(), plain and with a normalised input; fp32 does not combine with
+    the residual add."""
+    M, N, K = 2, 100, 256
+    cfg = FUSE_CONFIGS[name]
+    g = torch.Generator().manual_seed(len(name))
+    x = torch.randn(M, K, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
+    w = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype=torch.bfloat16, device=DEVICE)
+    b = torch.randn(N, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
+    wide = skinny_linear(x, w, b, out=_poison(M, N, torch.float32), config=cfg)
+    assert wide.dtype == torch.float32
+    assert _same_bits(wide, skinny_linear(x, w, b, config=cfg).float())
+    sumsq = x.float().pow(2).sum(1, keepdim=True).contiguous()
+    norm = NormedInput((1 + torch.rand(K, generator=g)).to(torch.bfloat16).to(DEVICE), sumsq, 1e-6)
+    wide = skinny_linear(x, w, norm=norm, out=_poison(M, N, torch.float32), config=cfg)
+    assert _same_bits(wide, skinny_linear(x, w, norm=norm, config=cfg).float())
+    with pytest.raises(AssertionError, match="dtype"):
+        skinny_linear(x, w, out=_poison(M, N, torch.float16))
+
+
 def test_add_then_normed_input_matches_norm_kernel() -> None:
     """The decode layer's chain, o_proj adding into the residual and gate_up normalising it,
     against the kernels it replaces (skinny_linear, fused_add_rms_norm, skinny_linear)."""

@@ -123,6 +123,26 @@ def test_fused_add_rms_norm(dtype: torch.dtype, shape: tuple[int, int], alias_ou
         assert torch.equal(new_res, want_res)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (3, 576), (2, 4096)])
+def test_embedding_sumsq(dtype: torch.dtype, shape: tuple[int, int], pdl_launch: bool) -> None:
+    """The rows of the table, exactly, and each row's sum of squares in fp32 (repeated ids)."""
+    rows, dim = shape
+    g = _gen(rows * dim)
+    table = _rand(50, dim, dtype=dtype, g=g)
+    ids = torch.randint(0, 50, (rows,), generator=g).to(DEVICE)
+    ids[0] = 49
+    if rows > 1:
+        ids[-1] = ids[0]
+    out, sumsq = triton_ops.embedding_sumsq(ids, table)
+    assert torch.equal(out, table[ids])
+    assert sumsq.shape == (rows, 1) and sumsq.dtype == torch.float32
+    want = table[ids].double().pow(2).sum(1, keepdim=True)
+    torch.testing.assert_close(sumsq.double(), want, rtol=1e-5, atol=0)
+    empty, empty_sq = triton_ops.embedding_sumsq(ids[:0], table)
+    assert empty.shape == (0, dim) and empty_sq.shape == (0, 1)
+
+
 # --- Rotary embedding -------------------------------------------------------------------------
 
 

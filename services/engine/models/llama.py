@@ -10,11 +10,13 @@ Per layer the hot path is: norm → one qkv GEMM → RoPE on q and k together �
 o_proj → residual add + norm → one gate_up GEMM → SiLU·up → down; the residual add travels to
 the next layer's norm, where CUDA fuses it (one Triton kernel). No per-token Python.
 
-Decode on CUDA (<= 4 rows; FUSED_NORM_MAX_ROWS) has no norm kernels past the first layer's:
-o_proj and down add their output into the residual stream as they store it and leave its
-per-tile sums of squares, and the next GEMM (gate_up, or the next layer's qkv) RMS-normalises
-the residual as it loads it (triton_gemv.skinny_linear_add / NormedInput): 63 fewer launches
-per step for an 8B model, each a few microseconds of a ~6 ms step.
+Decode on CUDA (<= 4 rows; FUSED_NORM_MAX_ROWS) has one norm kernel: o_proj and down add their
+output into the residual stream as they store it and leave its per-tile sums of squares (the
+embedding lookup leaves them too), and the next GEMM (gate_up, or the next layer's qkv)
+RMS-normalises the residual as it loads it (triton_gemv.skinny_linear_add / NormedInput): 64
+fewer launches per step for an 8B model, each a few microseconds of a ~6 ms step. Only the
+final norm stays a kernel: folded into the LM head's 2000 programs it measured 0.02 ms slower
+per step (docs/perf.md). The LM head writes fp32 logits itself (compute_logits).
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from torch import nn
 
 from baton.kernels.cpu_linear import can_pack, pack_weight, packed_linear
 from baton.services.engine.layers.attention import Attention, AttentionMetadata
-from baton.services.engine.layers.linear import FUSED_NORM_MAX_ROWS, Embedding, Linear, linear
+from baton.services.engine.layers.linear import (
+    FUSED_NORM_MAX_ROWS,
+    SKINNY_MAX_ROWS,
+    Embedding,
+    Linear,
+    linear,
+)
 from baton.services.engine.layers.mlp import SwiGLUMLP
 from baton.services.engine.layers.norm import RMSNorm, rms_norm
 from baton.services.engine.layers.rotary import RopeStep, RotaryEmbedding
@@ -171,24 +179,21 @@ class LlamaDecoderLayer(nn.Module):
     def forward_decode(
         self,
         residual: torch.Tensor,
-        sumsq: torch.Tensor | None,
+        sumsq: torch.Tensor,
         rope: RopeStep,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """CUDA decode with the norms folded into the GEMMs: `residual` (the stream, summed) is
-        updated in place; sumsq are its per-tile sums of squares from the previous layer's down
-        projection (None for the first layer, which runs its input norm as a kernel). Returns
-        this layer's sumsq. The same math as forward, up to the variance's summation order."""
+        updated in place; sumsq are its per-row partial sums of squares (from the previous
+        layer's down projection, or the embedding lookup). Returns this layer's sumsq. The same
+        math as forward, up to the variance's summation order."""
         from baton.kernels.triton_gemv import NormedInput, skinny_linear, skinny_linear_add
 
         attn, mlp = self.self_attn, self.mlp
         qkv_proj = attn.qkv_proj
-        if sumsq is None:
-            qkv = qkv_proj(self.input_layernorm(residual))
-        else:
-            norm = NormedInput(self.input_layernorm.weight, sumsq, self.input_layernorm.eps)
-            qkv = skinny_linear(residual, qkv_proj.weight, qkv_proj.bias, norm=norm)
+        norm = NormedInput(self.input_layernorm.weight, sumsq, self.input_layernorm.eps)
+        qkv = skinny_linear(residual, qkv_proj.weight, qkv_proj.bias, norm=norm)
         out = attn.attend(qkv, rope, kv_cache, meta)
         sumsq = skinny_linear_add(out, attn.o_proj.weight, residual, attn.o_proj.bias)
         post = self.post_attention_layernorm
@@ -250,13 +255,17 @@ class LlamaForCausalLM(CausalLM):
     ) -> torch.Tensor:
         model = self.model
         rope = model.rotary.step(positions)
-        hidden: torch.Tensor = model.embed_tokens(input_ids)
-        if self._fused_decode(hidden):
-            sumsq: torch.Tensor | None = None
+        if self._fused_decode(input_ids):
+            # The embedding lookup leaves its rows' sums of squares, so the first layer's qkv
+            # normalises its input too; only the final norm runs as a kernel.
+            from baton.kernels.triton_ops import embedding_sumsq
+
+            hidden, sumsq = embedding_sumsq(input_ids, model.embed_tokens.weight)
             for i, decoder in enumerate(self._layers()):
                 sumsq = decoder.forward_decode(hidden, sumsq, rope, kv_cache[i], meta)
             normed: torch.Tensor = model.norm(hidden)
             return normed
+        hidden = model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(model.layers):
             hidden, residual = layer(hidden, residual, rope, kv_cache[i], meta)
@@ -266,33 +275,44 @@ class LlamaForCausalLM(CausalLM):
         out, _ = model.norm.add_and_norm(hidden, residual)
         return out
 
-    def _fused_decode(self, hidden: torch.Tensor) -> bool:
+    def _fused_decode(self, input_ids: torch.Tensor) -> bool:
         """Whether this forward takes the decode path with norms folded into the GEMMs: CUDA,
         1..FUSED_NORM_MAX_ROWS rows, and every projection's shapes taken by the skinny GEMM
         (checked once)."""
-        rows = hidden.shape[0]
-        if not (hidden.is_cuda and self.fuse_decode_norms and 1 <= rows <= FUSED_NORM_MAX_ROWS):
+        rows = input_ids.shape[0]
+        if not (input_ids.is_cuda and self.fuse_decode_norms and 1 <= rows <= FUSED_NORM_MAX_ROWS):
             return False
         if self._decode_fusable is None:
             from baton.kernels.triton_gemv import supports
 
             layers = self._layers()
-            if not layers:
+            if not layers or len(layers) != len(self.model.layers):
                 self._decode_fusable = False
                 return False
             attn, mlp = layers[0].self_attn, layers[0].mlp
             plain = (attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight)
             down = mlp.down_proj.weight
             self._decode_fusable = all(
-                supports(hidden.new_empty(rows, w.shape[1]), w) for w in plain
-            ) and supports(hidden.new_empty(rows, 2 * down.shape[1]), down, act="silu_mul")
+                supports(w.new_empty(rows, w.shape[1]), w) for w in plain
+            ) and supports(down.new_empty(rows, 2 * down.shape[1]), down, act="silu_mul")
         return self._decode_fusable
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
 
     def _layers(self) -> list[LlamaDecoderLayer]:
         return [layer for layer in self.model.layers if isinstance(layer, LlamaDecoderLayer)]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # In the model dtype, then upcast: what HF does, so bf16 logits match too.
+        if hidden.is_cuda and hidden.dim() == 2 and hidden.shape[0] <= SKINNY_MAX_ROWS:
+            from baton.kernels.triton_gemv import skinny_linear, supports
+
+            head = self._head_weight()
+            if supports(hidden, head):  # the skinny GEMM writes the upcast logits itself
+                rows, vocab = hidden.shape[0], head.shape[0]
+                out = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+                return skinny_linear(hidden, head, out=out)
         if self.lm_head is not None:
             logits: torch.Tensor = self.lm_head(hidden)
         elif self._packed_head is not None:
