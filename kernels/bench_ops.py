@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -156,12 +157,12 @@ def _ptx_check() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from baton.kernels import triton_argmax
+    from baton.kernels import triton_argmax, triton_decode
     from baton.kernels import triton_ops as ops
 
     pointer_types = {"pos_ptr": "*i64", "slot_ptr": "*i64", "ids_ptr": "*i64", "sq_ptr": "*fp32"}
     # (kernel, constexprs, elements per tile: the wrappers pick num_warps from it)
-    cases = [
+    cases: list[tuple[Any, dict[str, object], int]] = [
         (ops._rms_norm_kernel, {"HAS_RESIDUAL": True, "BLOCK_N": 1024}, 1024),
         (ops._rms_norm_kernel, {"HAS_RESIDUAL": False, "BLOCK_N": 4096}, 4096),
         (
@@ -183,17 +184,37 @@ def _ptx_check() -> int:
             8 * 128,
         ),
     ]
-    argmax_pointers = {"part_idx_ptr": "*i32", "counter_ptr": "*i32", "out_ptr": "*i64"}
+    # The decode split kernel with the attention prologue folded in (Qwen3's head norms, graph
+    # buffers read early), as the engine launches it at batch 1: 4 warps.
+    decode: dict[str, object] = {"NUM_HEADS": 32, "GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128}
+    decode |= {"HEAD_DIM_PAD": 128}
+    decode |= {"BLOCK_SIZE": 16, "BLOCK_N": 64, "HAS_ROWS": False, "DIRECT": False}
+    decode |= {"DOT_PRECISION": "tf32", "PRELOAD": True, "PROLOGUE": True, "QK_NORM": True}
+    cases.append((triton_decode._decode_split_kernel, decode | {"USE_PDL": True}, 4 * 512))
+    own_pointers = {
+        triton_argmax._argmax_kernel: {
+            "part_idx_ptr": "*i32",
+            "counter_ptr": "*i32",
+            "out_ptr": "*i64",
+        },
+        triton_decode._decode_split_kernel: {
+            "part_out_ptr": "*fp32",
+            "part_lse_ptr": "*fp32",
+            "block_tables_ptr": "*i32",
+            "seq_lens_ptr": "*i32",
+            "rows_ptr": "*i32",
+        },
+    }
     failed = 0
     for fn, consts, tile in cases:
-        pointers = pointer_types | (argmax_pointers if fn is triton_argmax._argmax_kernel else {})
+        pointers = pointer_types | own_pointers.get(fn, {})
         num_warps = ops._num_warps(tile)
         signature: dict[str, str] = {}
         attrs = {}
         for i, name in enumerate(fn.arg_names):
             if name in consts:
                 signature[name] = "constexpr"
-            elif name == "eps":
+            elif name in ("eps", "qk_scale"):
                 signature[name] = "fp32"
             else:
                 signature[name] = pointers.get(name, "*bf16") if name.endswith("_ptr") else "i32"
@@ -207,6 +228,10 @@ def _ptx_check() -> int:
         ok = any(w.startswith("ld.global") and ".v4.b32" in w for w in widths)
         failed += not ok
         print(f"{'ok ' if ok else 'BAD'} {fn.fn.__name__:<22} {consts} {widths}")
+        # The folded prologue must not convert K/V tiles through shared memory (bench notes).
+        if fn is triton_decode._decode_split_kernel and kernel.metadata.shared > 64 * 1024:
+            print(f"BAD {fn.fn.__name__}: {kernel.metadata.shared} bytes of shared memory")
+            failed += 1
     return 1 if failed else 0
 
 

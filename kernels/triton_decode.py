@@ -24,11 +24,19 @@ kernel) a short context's K/V are read before the PDL wait: at batch 1 and 1k co
 split kernel's two dependent round trips (seq_len and block table, then K/V) overlap the
 attention prologue, and only q and the newest token's K/V row come after it.
 
+With `prologue` (DecodePrologue) the kernel also does the attention prologue that
+triton_prologue runs as its own launch: q and the newest k go through the head norms and RoPE as
+they are loaded, the newest K/V row is used from registers, and the split that holds the newest
+token writes it to the cache. One launch fewer per layer, and at batch 1 the prologue's own
+dependent round trips (indices, then rows) leave the critical path.
+
 Each token's K/V row is found through the block table (`block_tables[seq, tok // BLOCK_SIZE]`,
 offset `tok % BLOCK_SIZE`), so any power-of-two block size works, smaller or larger than BLOCK_N.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -42,6 +50,81 @@ MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
 CTAS_PER_SM = 4
 """Target programs per SM: enough loads in flight to cover HBM latency with 4 warps each."""
+
+
+@dataclass(frozen=True)
+class DecodePrologue:
+    """The attention prologue for paged_decode_attention to do in its own kernel: what
+    triton_prologue.qk_norm_rope_write_kv does to a decode step (per-head RMSNorm of q and k
+    with q_norm_weight / k_norm_weight, RoPE at `positions`, the new K/V written at
+    slot_mapping; a slot < 0 is skipped), bit for bit without the norm. q (the attention's own
+    argument) and k are read unrotated and left so; the caches receive the rotated k and v.
+
+    k, v: [num_seqs, num_kv_heads, head_dim] (strided views of a fused qkv output are fine);
+    positions, slot_mapping: [num_seqs] ints; cos_half, sin_half: [max_positions, head_dim / 2]
+    tables in the model dtype (rotary.RotaryEmbedding's). head_dim must be a power of two.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_half: torch.Tensor
+    sin_half: torch.Tensor
+    slot_mapping: torch.Tensor
+    q_norm_weight: torch.Tensor | None = None
+    k_norm_weight: torch.Tensor | None = None
+    eps: float = 1e-6
+
+
+def _check_prologue(
+    p: DecodePrologue, q: torch.Tensor, k_cache: torch.Tensor, rows: torch.Tensor | None
+) -> DecodePrologue:
+    num_seqs, _, head_dim = q.shape
+    assert rows is None, "the folded prologue takes row b of q as sequence b (rows=None)"
+    assert head_dim >= 2 and head_dim & (head_dim - 1) == 0, ("head_dim not a power of 2", head_dim)
+    kv_shape = (num_seqs, k_cache.shape[2], head_dim)
+    for name, t in (("k", p.k), ("v", p.v)):
+        assert t.shape == kv_shape and t.stride(2) == 1, (name, t.shape, kv_shape, t.stride())
+        assert t.dtype == q.dtype and t.device == q.device, (name, t.dtype, t.device)
+    for name, t in (("positions", p.positions), ("slot_mapping", p.slot_mapping)):
+        assert t.shape == (num_seqs,) and t.is_contiguous(), (name, t.shape)
+        assert not t.is_floating_point() and t.device == q.device, (name, t.dtype, t.device)
+    for t in (p.cos_half, p.sin_half):
+        assert t.dim() == 2 and t.shape[1] == head_dim // 2 and t.stride(1) == 1, t.shape
+        assert t.stride(0) == p.cos_half.stride(0) and t.device == q.device, t.stride()
+    assert (p.q_norm_weight is None) == (p.k_norm_weight is None), "both norm weights or none"
+    for w in (p.q_norm_weight, p.k_norm_weight):
+        if w is not None:
+            assert w.shape == (head_dim,) and w.stride(0) == 1, w.shape
+            assert w.dtype == q.dtype and w.device == q.device, (w.dtype, w.device)
+    return p
+
+
+def _prologue_args(
+    p: DecodePrologue | None, q: torch.Tensor, seq_lens: torch.Tensor
+) -> tuple[object, ...]:
+    """The split kernel's prologue arguments, kn_ptr .. eps (placeholders, never read, without
+    a prologue)."""
+    if p is None:
+        return (q, q, 0, 0, 0, 0, seq_lens, q, q, 0, seq_lens, q, q, 0.0)
+    q_w = p.q_norm_weight if p.q_norm_weight is not None else p.k
+    k_w = p.k_norm_weight if p.k_norm_weight is not None else p.k
+    return (
+        p.k,
+        p.v,
+        p.k.stride(0),
+        p.k.stride(1),
+        p.v.stride(0),
+        p.v.stride(1),
+        p.positions,
+        p.cos_half,
+        p.sin_half,
+        p.cos_half.stride(0),
+        p.slot_mapping,
+        q_w,
+        k_w,
+        p.eps,
+    )
 
 
 def num_sms_of(device: torch.device) -> int:
@@ -64,6 +147,55 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     want = -(-CTAS_PER_SM * num_sms // programs)
     cap = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
     return max(1, min(want, cap, MAX_SPLITS))
+
+
+@triton.jit
+def _norm_rope(row_ptrs, m, cos, sin, w, w_partner, eps, QK_NORM, HEAD_DIM):  # type: ignore[no-untyped-def]
+    # The head rows at row_ptrs ([R, 1]; rows with m off give zeros) after the per-head RMSNorm
+    # (QK_NORM) and RoPE, in their dtype, with triton_prologue's operations and roundings
+    # (rms_norm's, then rotary_embedding's). Kept in the [R, HEAD_DIM] layout of a plain tile
+    # load, never split into halves and re-joined (that costs a shared-memory layout conversion
+    # of the K/V tiles it meets): element d is rotated with its partner d +- HEAD_DIM / 2, read
+    # by a second load from the same lines; cos [1, HEAD_DIM] repeats the half table, sin too
+    # with its first half negated, and w_partner is the norm weight at the partner's index.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    x = tl.load(row_ptrs + d, mask=m, other=0.0).to(tl.float32)
+    xp = tl.load(row_ptrs + (d + HALF) % HEAD_DIM, mask=m, other=0.0).to(tl.float32)
+    dtype = row_ptrs.dtype.element_ty
+    if QK_NORM:
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+        x = ((x * rstd).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
+        xp = ((xp * rstd).to(dtype).to(tl.float32) * w_partner).to(dtype).to(tl.float32)
+    return (x * cos + xp * sin).to(dtype)
+
+
+@triton.jit
+def _token_rope(seq, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cs, HEAD_DIM):  # type: ignore[no-untyped-def]
+    # Sequence seq's new token: its cache slot, and cos / sign-folded sin ([1, HEAD_DIM] fp32)
+    # at its position, as _norm_rope takes them.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    pos = tl.load(pos_ptr + seq).to(tl.int64)
+    slot = tl.load(slot_ptr + seq).to(tl.int64)
+    cos = tl.load(cos_ptr + pos * stride_cs + d % HALF).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_cs + d % HALF).to(tl.float32)
+    return slot, cos, tl.where(d < HALF, -sin, sin)
+
+
+@triton.jit
+def _newest_kv(new, kn_row, vn_row, k_dst, v_dst, cos, sin, w, w_partner, eps, QK_NORM, HEAD_DIM):  # type: ignore[no-untyped-def]
+    # The tile's rows where `new` ([BLOCK_N]) holds (the sequence's newest token: one row or
+    # none) from this step's k (normed, rotated) and v rows instead of the cache, as a K and a V
+    # tile in the layout of the cache tiles they replace rows of; the rows are also written to
+    # the cache (k_dst, v_dst: row pointers, null-masked by the caller through `new`).
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    rows = new[:, None]
+    k = _norm_rope(kn_row + 0 * rows, rows, cos, sin, w, w_partner, eps, QK_NORM, HEAD_DIM)
+    v = tl.load(vn_row + 0 * rows + d, mask=rows, other=0.0)
+    tl.store(k_dst + 0 * rows + d, k.to(k_dst.dtype.element_ty), mask=rows)
+    tl.store(v_dst + 0 * rows + d, v.to(v_dst.dtype.element_ty), mask=rows)
+    return k, v
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -89,6 +221,20 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     stride_o_tok,
     stride_o_head,
     stride_bt_seq,
+    kn_ptr,  # PROLOGUE: this step's k and v rows, before RoPE, [num_seqs, kv_heads, D] views
+    vn_ptr,
+    stride_kn_tok,
+    stride_kn_head,
+    stride_vn_tok,
+    stride_vn_head,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_cs,
+    slot_ptr,
+    qw_ptr,
+    kw_ptr,
+    eps,
     NUM_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
@@ -100,6 +246,8 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     DIRECT: tl.constexpr,  # one split: write the normalised output, skip stage 2
     DOT_PRECISION: tl.constexpr,
     PRELOAD: tl.constexpr,
+    PROLOGUE: tl.constexpr,  # q/k not yet rotated, the newest K/V not yet in the cache
+    QK_NORM: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -134,6 +282,22 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
             mask=old[:, None] & d_mask[None, :],
             other=0.0,
         )
+    if PROLOGUE:  # the norm weights, and with PRELOAD this token's position, slot and cos/sin
+        dd = tl.arange(0, HEAD_DIM)[None, :]
+        partner = (dd + HEAD_DIM // 2) % HEAD_DIM
+        if QK_NORM:
+            qw = tl.load(qw_ptr + dd).to(tl.float32)
+            qw_p = tl.load(qw_ptr + partner).to(tl.float32)
+            kw = tl.load(kw_ptr + dd).to(tl.float32)
+            kw_p = tl.load(kw_ptr + partner).to(tl.float32)
+        else:
+            qw = tl.zeros([1, HEAD_DIM], tl.float32)  # unused without QK_NORM
+            qw_p = qw
+            kw = qw
+            kw_p = qw
+        if PRELOAD:
+            slot_new, cos, sin = _token_rope(seq, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cs,
+                                             HEAD_DIM)  # fmt: skip
     if USE_PDL:  # without PRELOAD, seq_lens and tables may come from the previous kernel
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -142,6 +306,9 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
         tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
         start = split * tiles_per_split * BLOCK_N
         end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+        if PROLOGUE:
+            slot_new, cos, sin = _token_rope(seq, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cs,
+                                             HEAD_DIM)  # fmt: skip
     row = tl.load(rows_ptr + seq).to(tl.int64) if HAS_ROWS else seq.to(tl.int64)
 
     # Rows of the q tile are the group's query heads, padded to GROUP_PAD >= 16 for tl.dot;
@@ -149,11 +316,26 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     g = tl.arange(0, GROUP_PAD)
     g_mask = g < GROUP
     heads = kv_head * GROUP + g
-    q = tl.load(
-        q_ptr + row * stride_q_tok + heads[:, None] * stride_q_head + d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
+    if PROLOGUE:
+        # The attention prologue (triton_prologue.qk_norm_rope_write_kv) in this kernel: q and
+        # the newest k normed and rotated with the same roundings as they are loaded, and the
+        # newest K/V row used from the step's projections and written to the cache by the split
+        # that holds it (slot < 0: a padding row, nothing written).
+        q_rows = q_ptr + row * stride_q_tok + heads[:, None] * stride_q_head
+        q = _norm_rope(q_rows, g_mask[:, None], cos, sin, qw, qw_p, eps, QK_NORM, HEAD_DIM)
+        kn_row = kn_ptr + row * stride_kn_tok + kv_head * stride_kn_head
+        vn_row = vn_ptr + row * stride_vn_tok + kv_head * stride_vn_head
+        blk = tl.maximum(slot_new, 0) // BLOCK_SIZE
+        off = tl.maximum(slot_new, 0) % BLOCK_SIZE
+        k_dst = k_ptr + blk * stride_k_blk + off * stride_k_tok + k_head_off
+        v_dst = v_ptr + blk * stride_v_blk + off * stride_v_tok + v_head_off
+        newest = tl.where(slot_new >= 0, seq_len - 1, -1)  # no row matches -1
+    else:
+        q = tl.load(
+            q_ptr + row * stride_q_tok + heads[:, None] * stride_q_head + d[None, :],
+            mask=g_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -163,14 +345,21 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
             # One tile: the preloaded rows plus the newest token's, read now (after the wait).
             t_mask = tok < end
             new = t_mask & (tok == seq_len - 1)
-            block = tl.load(table + tok // BLOCK_SIZE, mask=new, other=0).to(tl.int64)
-            k_off = block * stride_k_blk + slot * stride_k_tok + k_head_off
-            v_off = block * stride_v_blk + slot * stride_v_tok + v_head_off
-            new_d = new[:, None] & d_mask[None, :]
-            k_new = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=new_d, other=0.0)
-            v_new = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=new_d, other=0.0)
-            k = tl.where(new[:, None], k_new, k_pre)
-            v = tl.where(new[:, None], v_new, v_pre)
+            if PROLOGUE:
+                new = t_mask & (tok == newest)
+                k_new, v_new = _newest_kv(new, kn_row, vn_row, k_dst, v_dst, cos, sin, kw, kw_p,
+                                          eps, QK_NORM, HEAD_DIM)  # fmt: skip
+                k = tl.where(new[:, None], k_new, k_pre)
+                v = tl.where(new[:, None], v_new, v_pre)
+            else:
+                block = tl.load(table + tok // BLOCK_SIZE, mask=new, other=0).to(tl.int64)
+                k_off = block * stride_k_blk + slot * stride_k_tok + k_head_off
+                v_off = block * stride_v_blk + slot * stride_v_tok + v_head_off
+                new_d = new[:, None] & d_mask[None, :]
+                k_new = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=new_d, other=0.0)
+                v_new = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=new_d, other=0.0)
+                k = tl.where(new[:, None], k_new, k_pre)
+                v = tl.where(new[:, None], v_new, v_pre)
             # The loop below on one tile from m = -inf, l = 0, acc = 0, op for op.
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             s = tl.where(t_mask[None, :], s, float("-inf"))
@@ -189,6 +378,13 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
             v_off = block * stride_v_blk + slot * stride_v_tok + v_head_off
             k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if PROLOGUE and (newest >= tile_start) & (newest < tile_start + BLOCK_N):
+                # The cache's copy of the newest row is not written yet.
+                new = tok == newest
+                k_new, v_new = _newest_kv(new, kn_row, vn_row, k_dst, v_dst, cos, sin, kw,
+                                          kw_p, eps, QK_NORM, HEAD_DIM)  # fmt: skip
+                k = tl.where(new[:, None], k_new, k)
+                v = tl.where(new[:, None], v_new, v)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             s = tl.where(t_mask[None, :], s, float("-inf"))
             # Every tile holds at least one token < end, so m_new is finite from the first on.
@@ -276,6 +472,7 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     preload: bool = False,
+    prologue: DecodePrologue | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context.
 
@@ -290,6 +487,11 @@ def paged_decode_attention(
     buffers, filled by copies ahead of the replay). Under PDL a short context's K/V tile is
     then read before gdc_wait, while the previous kernel (the one writing the newest token)
     still runs; only the newest token's row waits for it. Results are the same either way.
+
+    prologue: q and prologue.k are this step's projections before the head norms and RoPE, and
+    the newest K/V are not in the cache yet: the kernel does the attention prologue itself
+    (DecodePrologue), one launch fewer per layer. With preload, the positions and slots count
+    among the buffers written before the step's first kernel, so they are read early too.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -323,6 +525,7 @@ def paged_decode_attention(
         part_out = q.new_empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32)
         part_lse = q.new_empty(num_seqs, num_heads, num_splits, dtype=torch.float32)
     rows_arg = seq_lens if rows is None else rows  # never read without HAS_ROWS
+    p = _check_prologue(prologue, q, k_cache, rows) if prologue is not None else None
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -345,6 +548,7 @@ def paged_decode_attention(
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
+        *_prologue_args(p, q, seq_lens),
         NUM_HEADS=num_heads,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
@@ -356,6 +560,8 @@ def paged_decode_attention(
         DIRECT=direct,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PRELOAD=preload,
+        PROLOGUE=p is not None,
+        QK_NORM=p is not None and p.q_norm_weight is not None,
         USE_PDL=pdl.enabled(),
         num_warps=num_warps,
         num_stages=num_stages,
@@ -382,4 +588,4 @@ def paged_decode_attention(
     return out
 
 
-__all__ = ["choose_num_splits", "num_sms_of", "paged_decode_attention"]
+__all__ = ["DecodePrologue", "choose_num_splits", "num_sms_of", "paged_decode_attention"]

@@ -5,7 +5,8 @@
 Captures the engine's decode CUDA graphs (random-weight model from its real config, bf16, 1k
 context, max_model_len as bench_gpu) once per variant and times their replay. A variant swaps
 one stage for a no-op (the norms, the attention prologue, the attention itself), or turns off
-one optimisation (norms folded into the GEMMs, the graph-buffer fast paths), so each row's
+one optimisation (norms folded into the GEMMs, the prologue folded into the decode kernel, the
+graph-buffer fast paths), so each row's
 difference to "full" is what that stage or optimisation costs or buys. Outputs of the ablated
 graphs are meaningless; only their time is read. Prints a table and writes bench_ablation.json
 to $OUT (or bench_out/). Without CUDA it says so and exits 0.
@@ -50,13 +51,27 @@ def _variants(model: Any) -> dict[str, Callable[[], contextlib.AbstractContextMa
         stack.enter_context(_patched(norm.RMSNorm, "add_and_norm", lambda self, x, r: (x, r)))
         return stack
 
-    def no_prologue() -> contextlib.AbstractContextManager[None]:
-        return _patched(rotary.RopeStep, "rotate_and_write_kv", lambda self, q, k, *a, **kw: (q, k))
+    attentions = [m for m in model.modules() if hasattr(m, "fold_prologue")]
 
-    def no_attention() -> contextlib.AbstractContextManager[None]:
-        return _patched(
-            attention.Attention, "forward", lambda self, q, *a, **kw: q.reshape(q.shape[0], -1)
+    def prologue_kernel() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for m in attentions:
+            stack.enter_context(_patched(m, "fold_prologue", False))
+        return stack
+
+    def no_prologue() -> contextlib.AbstractContextManager[Any]:
+        stack = prologue_kernel()
+        stack.enter_context(
+            _patched(rotary.RopeStep, "rotate_and_write_kv", lambda self, q, k, *a, **kw: (q, k))
         )
+        return stack
+
+    def no_attention() -> contextlib.AbstractContextManager[Any]:
+        stack = contextlib.ExitStack()
+        skip = lambda self, q, *a, **kw: q.reshape(q.shape[0], -1)
+        stack.enter_context(_patched(attention.Attention, "forward", skip))
+        stack.enter_context(_patched(attention.Attention, "forward_folded", skip))
+        return stack
 
     plan = triton_attention.plan_decode
 
@@ -69,6 +84,7 @@ def _variants(model: Any) -> dict[str, Callable[[], contextlib.AbstractContextMa
         "graph-buffer fast paths off": lambda: _patched(
             triton_attention, "plan_decode", not_static
         ),
+        "prologue as a kernel (not folded)": prologue_kernel,
         "no norms": no_norms,
         "no attention prologue": no_prologue,
         "no attention (split + merge)": no_attention,
@@ -137,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{torch.cuda.get_device_name()}: {args.model}, context {CONTEXT}; weights alone "
           f"{ideal_ms:.3f} ms at the measured copy bandwidth")  # fmt: skip
     head = "".join(f"{'b=' + str(b) + ' ms':>10}{'delta':>8}" for b in args.batches)
-    print(f"{'variant':<32}{head}")
+    print(f"{'variant':<36}{head}")
     for r in rows:
         cells = "".join(f"{r['ms'][b]:>10.3f}{r['ms'][b] - full[b]:>+8.3f}" for b in args.batches)
-        print(f"{r['variant']:<32}{cells}")
+        print(f"{r['variant']:<36}{cells}")
     out_dir = Path(os.environ.get("OUT") or "bench_out")
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "model": args.model}

@@ -266,10 +266,11 @@ def test_pdl_and_async_scheduling_change_no_token(tmp_path: Path, arch: str) -> 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_decode_norms_folded_into_gemms(tmp_path: Path, arch: str) -> None:
-    """Decode with the RMSNorms folded into the GEMMs (the default on CUDA) against the plain
-    norm kernels: transformers' greedy tokens either way on decided prompts, and every decode
-    step's top logprobs within bf16 noise of each other (batches of 1 and 5, eager, so the
-    switch takes effect between calls)."""
+    """Decode with the RMSNorms folded into the GEMMs and the attention prologue folded into
+    the decode kernel (the defaults on CUDA) against each left as its own kernels: transformers'
+    greedy tokens every way on decided prompts, and every decode step's top logprobs within bf16
+    noise of each other (batches of 1 and 5, eager, so the switches take effect between calls;
+    the graphs run the same paths in the other tests)."""
     from baton import SamplingParams
 
     hf = _save_tiny(tmp_path, arch)
@@ -277,16 +278,26 @@ def test_decode_norms_folded_into_gemms(tmp_path: Path, arch: str) -> None:
     prompts = [prompt for prompt, _ in cases]
     llm = _tiny_llm(tmp_path, enforce_eager=True)
     model = llm.engine.core.runner.model
+    attentions = [m for m in model.modules() if hasattr(m, "fold_prologue")]
+    assert attentions
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3)
     runs = {}
-    for fused in (True, False):
-        model.fuse_decode_norms = fused  # type: ignore[attr-defined]
-        runs[fused] = [llm.generate(prompts[:1], params)[0], *llm.generate(prompts, params)]
+    for norms, prologue in ((True, True), (False, True), (True, False)):
+        model.fuse_decode_norms = norms  # type: ignore[attr-defined]
+        for m in attentions:
+            m.fold_prologue = prologue
+        runs[norms, prologue] = [
+            llm.generate(prompts[:1], params)[0],
+            *llm.generate(prompts, params),
+        ]
     assert model._decode_fusable is True  # type: ignore[attr-defined]
     wants = [cases[0][1], *(want for _, want in cases)]
-    for a, b, want in zip(runs[True], runs[False], wants, strict=True):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids == want
-        for la, lb in zip(a.outputs[0].logprobs or [], b.outputs[0].logprobs or [], strict=True):
-            assert la.top_token_ids[0] == lb.top_token_ids[0]
-            assert abs(la.top_logprobs[0] - lb.top_logprobs[0]) < 0.05
+    folded = runs.pop((True, True))
+    for other in runs.values():
+        for a, b, want in zip(folded, other, wants, strict=True):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids == want
+            pairs = zip(a.outputs[0].logprobs or [], b.outputs[0].logprobs or [], strict=True)
+            for la, lb in pairs:
+                assert la.top_token_ids[0] == lb.top_token_ids[0]
+                assert abs(la.top_logprobs[0] - lb.top_logprobs[0]) < 0.05
     llm.engine.check_integrity(expect_idle=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,6 +105,22 @@ class RopeStep:
             k_norm_weight=k_w,
             eps=eps,
             static_index=static_index,
+        )
+
+    def decode_prologue(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    ) -> Any:
+        """CUDA decode: the same prologue as rotate_and_write_kv, handed to the decode kernel
+        to run (a triton_decode.DecodePrologue; q is the kernel's own argument)."""
+        from baton.kernels.triton_decode import DecodePrologue
+
+        q_w, k_w, eps = norms if norms is not None else (None, None, 1e-6)
+        return DecodePrologue(
+            k, v, self.positions, self.cos_half, self.sin_half, slot_mapping, q_w, k_w, eps
         )
 
     def rotate_packed(self, qk: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,9 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype, device=device)
         self.eps = cfg.rms_norm_eps
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+        self.fold_prologue = True
+        """CUDA decode steps fold the prologue into the decode kernel where it can (tests and
+        bench_ablation turn it off to compare)."""
 
     def forward(
         self,
@@ -106,6 +109,11 @@ class LlamaAttention(nn.Module):
             norms = None
             if self.q_norm is not None and self.k_norm is not None:
                 norms = (self.q_norm.weight, self.k_norm.weight, self.eps)
+            if self.fold_prologue and self.attn.can_fold_prologue(meta):
+                # A decode step: the decode kernel runs the prologue itself (one launch fewer).
+                prologue = rope.decode_prologue(k, v.view_as(k), meta.slot_mapping, norms)
+                folded: torch.Tensor = self.attn.forward_folded(q, kv_cache, meta, prologue)
+                return folded
             q, k = rope.rotate_and_write_kv(
                 q,
                 k,
