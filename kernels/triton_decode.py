@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from baton.kernels import pdl
+from baton.kernels.triton_ops import _check_heads, _check_index, _check_tables
 
 LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256
@@ -78,26 +79,25 @@ class DecodePrologue:
 
 def _check_prologue(
     p: DecodePrologue, q: torch.Tensor, k_cache: torch.Tensor, rows: torch.Tensor | None
-) -> DecodePrologue:
+) -> None:
+    """triton_prologue's input checks, plus what the folded form needs."""
     num_seqs, _, head_dim = q.shape
     assert rows is None, "the folded prologue takes row b of q as sequence b (rows=None)"
     assert head_dim >= 2 and head_dim & (head_dim - 1) == 0, ("head_dim not a power of 2", head_dim)
-    kv_shape = (num_seqs, k_cache.shape[2], head_dim)
-    for name, t in (("k", p.k), ("v", p.v)):
-        assert t.shape == kv_shape and t.stride(2) == 1, (name, t.shape, kv_shape, t.stride())
-        assert t.dtype == q.dtype and t.device == q.device, (name, t.dtype, t.device)
-    for name, t in (("positions", p.positions), ("slot_mapping", p.slot_mapping)):
-        assert t.shape == (num_seqs,) and t.is_contiguous(), (name, t.shape)
-        assert not t.is_floating_point() and t.device == q.device, (name, t.dtype, t.device)
-    for t in (p.cos_half, p.sin_half):
-        assert t.dim() == 2 and t.shape[1] == head_dim // 2 and t.stride(1) == 1, t.shape
-        assert t.stride(0) == p.cos_half.stride(0) and t.device == q.device, t.stride()
+    _check_heads("k", p.k, num_seqs, head_dim)
+    _check_heads("v", p.v, num_seqs, head_dim)
+    assert p.k.shape[1] == p.v.shape[1] == k_cache.shape[2], (p.k.shape, p.v.shape, k_cache.shape)
+    assert p.k.dtype == p.v.dtype == q.dtype, (p.k.dtype, p.v.dtype, q.dtype)
+    _check_index("positions", p.positions, num_seqs)
+    _check_index("slot_mapping", p.slot_mapping, num_seqs)
+    _check_tables(p.cos_half, p.sin_half, head_dim)
     assert (p.q_norm_weight is None) == (p.k_norm_weight is None), "both norm weights or none"
     for w in (p.q_norm_weight, p.k_norm_weight):
         if w is not None:
             assert w.shape == (head_dim,) and w.stride(0) == 1, w.shape
-            assert w.dtype == q.dtype and w.device == q.device, (w.dtype, w.device)
-    return p
+            assert w.dtype == q.dtype, ("norm weights must be in the model dtype", w.dtype)
+    tensors = (p.k, p.v, p.positions, p.cos_half, p.slot_mapping)
+    assert all(t.device == q.device for t in tensors), [t.device for t in tensors]
 
 
 def _prologue_args(
@@ -344,7 +344,6 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
         if start < end:
             # One tile: the preloaded rows plus the newest token's, read now (after the wait).
             t_mask = tok < end
-            new = t_mask & (tok == seq_len - 1)
             if PROLOGUE:
                 new = t_mask & (tok == newest)
                 k_new, v_new = _newest_kv(new, kn_row, vn_row, k_dst, v_dst, cos, sin, kw, kw_p,
@@ -352,6 +351,7 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
                 k = tl.where(new[:, None], k_new, k_pre)
                 v = tl.where(new[:, None], v_new, v_pre)
             else:
+                new = t_mask & (tok == seq_len - 1)
                 block = tl.load(table + tok // BLOCK_SIZE, mask=new, other=0).to(tl.int64)
                 k_off = block * stride_k_blk + slot * stride_k_tok + k_head_off
                 v_off = block * stride_v_blk + slot * stride_v_tok + v_head_off
@@ -525,7 +525,8 @@ def paged_decode_attention(
         part_out = q.new_empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32)
         part_lse = q.new_empty(num_seqs, num_heads, num_splits, dtype=torch.float32)
     rows_arg = seq_lens if rows is None else rows  # never read without HAS_ROWS
-    p = _check_prologue(prologue, q, k_cache, rows) if prologue is not None else None
+    if prologue is not None:
+        _check_prologue(prologue, q, k_cache, rows)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -548,7 +549,7 @@ def paged_decode_attention(
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
-        *_prologue_args(p, q, seq_lens),
+        *_prologue_args(prologue, q, seq_lens),
         NUM_HEADS=num_heads,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
@@ -560,8 +561,8 @@ def paged_decode_attention(
         DIRECT=direct,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PRELOAD=preload,
-        PROLOGUE=p is not None,
-        QK_NORM=p is not None and p.q_norm_weight is not None,
+        PROLOGUE=prologue is not None,
+        QK_NORM=prologue is not None and prologue.q_norm_weight is not None,
         USE_PDL=pdl.enabled(),
         num_warps=num_warps,
         num_stages=num_stages,

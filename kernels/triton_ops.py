@@ -189,7 +189,8 @@ def embedding_sumsq(ids: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tenso
     fp32), the sumsq a NormedInput (triton_gemv) takes, so the first layer's input norm needs no
     kernel of its own. ids: [T] ints, each in [0, table rows) (not checked on the device)."""
     assert ids.dim() == 1 and not ids.is_floating_point() and ids.is_contiguous(), ids.shape
-    _check_rows("table", table, table.shape[1] if table.dim() == 2 else -1)
+    assert table.dim() == 2, table.shape
+    _check_rows("table", table, table.shape[1])
     assert ids.device == table.device, (ids.device, table.device)
     n_rows, n_cols = ids.shape[0], table.shape[1]
     out = torch.empty((n_rows, n_cols), dtype=table.dtype, device=table.device)

@@ -111,12 +111,12 @@ def _robust_prompts(hf: torch.nn.Module, count: int) -> list[tuple[list[int], li
 
 
 def _tiny_llm(path: Path, **options: object) -> Any:
-    """The engine on a _save_tiny model: bf16 on CUDA, 256 blocks, up to 8 sequences."""
+    """The engine on a _save_tiny model: bf16 on CUDA, 256 blocks, up to 8 sequences (options
+    override those)."""
     from baton import LLM
 
-    return LLM(
-        model=str(path), device="cuda", dtype="bfloat16", num_blocks=256, max_num_seqs=8, **options
-    )
+    config: dict[str, Any] = {"num_blocks": 256, "max_num_seqs": 8} | options
+    return LLM(model=str(path), device="cuda", dtype="bfloat16", **config)
 
 
 def _flashinfer_or_skip() -> None:
@@ -161,7 +161,7 @@ def test_greedy_matches_transformers_bf16(tmp_path: Path, arch: str, backend: st
 
 def test_graphs_and_eager_agree_on_padded_batches(tmp_path: Path) -> None:
     """Batches of 1, 3 and 11 (padded to buckets 1, 4 and 16) give eager's greedy tokens."""
-    from baton import LLM, SamplingParams
+    from baton import SamplingParams
 
     _save_tiny(tmp_path, "llama")
     g = torch.Generator().manual_seed(2)
@@ -169,14 +169,7 @@ def test_graphs_and_eager_agree_on_padded_batches(tmp_path: Path) -> None:
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     results = {}
     for eager in (True, False):
-        llm = LLM(
-            model=str(tmp_path),
-            device="cuda",
-            dtype="bfloat16",
-            num_blocks=512,
-            max_num_seqs=16,
-            enforce_eager=eager,
-        )
+        llm = _tiny_llm(tmp_path, num_blocks=512, max_num_seqs=16, enforce_eager=eager)
         assert (llm.engine.core.runner.graphs is None) == eager
         runs = []
         for batch in (prompts[:1], prompts[:3], prompts):
@@ -191,10 +184,10 @@ def test_graphs_and_eager_agree_on_padded_batches(tmp_path: Path) -> None:
 
 def test_seeded_sampling_on_cuda_is_reproducible(tmp_path: Path) -> None:
     """Seeded requests draw from CUDA generators: same seed, same tokens; other seed, others."""
-    from baton import LLM, SamplingParams
+    from baton import SamplingParams
 
     _save_tiny(tmp_path, "llama")
-    llm = LLM(model=str(tmp_path), device="cuda", dtype="bfloat16", num_blocks=256, max_num_seqs=8)
+    llm = _tiny_llm(tmp_path)
     prompt = _prompts()[1]
 
     def sample(seed: int) -> list[int]:
@@ -221,7 +214,7 @@ def test_pdl_and_async_scheduling_change_no_token(tmp_path: Path, arch: str) -> 
     """Programmatic dependent launch and async scheduling are pure speed: with either, both or
     neither, the same tokens and logprobs (greedy, seeded, penalised rows; batches of 1, 3, 11
     padded to graph buckets), and an idle pool after."""
-    from baton import LLM, SamplingParams
+    from baton import SamplingParams
 
     _save_tiny(tmp_path, arch)
     g = torch.Generator().manual_seed(5)
@@ -234,10 +227,8 @@ def test_pdl_and_async_scheduling_change_no_token(tmp_path: Path, arch: str) -> 
     results = {}
     for async_scheduling in (False, True):
         for pdl in (False, True):
-            llm = LLM(
-                model=str(tmp_path),
-                device="cuda",
-                dtype="bfloat16",
+            llm = _tiny_llm(
+                tmp_path,
                 num_blocks=512,
                 max_num_seqs=16,
                 async_scheduling=async_scheduling,

@@ -1,21 +1,18 @@
 """skinny_linear (Triton skinny GEMM for decode) vs torch.nn.functional.linear.
 
 On CUDA the kernels are compiled and run on the GPU (plus CUDA-graph capture and PDL tests);
-without CUDA they run under Triton's CPU interpreter with small shapes, and subprocesses compile
-them for sm_90 to catch what the interpreter accepts but the compiler rejects (and to read the
-PDL path's PTX, which the interpreter never traces). Outputs are checked against a float64
-F.linear (relative L2) and element by element against F.linear in the model dtype; they are
-poisoned with NaN first, so an element the kernel skipped fails the check. The fused split-K
-reduction is also checked bit for bit against per-slice partials summed in slice order (what the
-former separate reduce kernel computed), and act="silu_mul" bit for bit against silu_and_mul
-followed by the plain call.
+without CUDA they run under Triton's CPU interpreter with small shapes (test_triton_gemv_ptx.py
+compiles them for sm_90 either way). Outputs are checked against a float64 F.linear (relative
+L2) and element by element against F.linear in the model dtype; they are poisoned with NaN
+first, so an element the kernel skipped fails the check. The fused split-K reduction is also
+checked bit for bit against per-slice partials summed in slice order (what the former separate
+reduce kernel computed), and act="silu_mul" bit for bit against silu_and_mul followed by the
+plain call.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -463,7 +460,7 @@ def test_default_config_heuristic() -> None:
     assert choose_split_k(64, 4, 264) == 1, "too few tiles to split"
 
 
-# --- CUDA only: graph capture; CPU only: the sm_90 compile ------------------------------------
+# --- CUDA only: graph capture and PDL chains (the sm_90 compile: test_triton_gemv_ptx.py) ------
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
@@ -538,73 +535,3 @@ def test_pdl_chain_matches_serial() -> None:
     finally:
         pdl.set_enabled(False)
     _assert_counters_zero()
-
-
-# The PDL variant (with split-K and the fused SiLU) compiled for sm_90: the interpreter never
-# traces it, so its ordering is read from the PTX. Prints the kernel's PTX, code only.
-_PDL_PTX_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from baton.kernels import triton_gemv as gemv
-
-fn = gemv._skinny_gemm_kernel
-consts = dict(HAS_BIAS=True, SPLIT=True, EVEN_K=False, USE_DOT=True, PRECISION="tf32",
-              BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SILU_MUL=True, RMS_NORM=False,
-              ADD_RESIDUAL=True, SQ_PAD=64, USE_PDL=True, PREFETCH_TILES=2)
-types = {"ws_ptr": "*fp32", "counter_ptr": "*i32", "sq_ptr": "*fp32", "eps": "fp32"}
-signature, attrs = {}, {}
-for i, name in enumerate(fn.arg_names):
-    if name in consts:
-        signature[name] = "constexpr"
-        continue
-    signature[name] = types.get(name, "*bf16" if name.endswith("_ptr") else "i32")
-    if name != "M":
-        attrs[(i,)] = [["tt.divisibility", 16]]
-src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-options = {"num_warps": 4, "num_stages": 4, "launch_pdl": True}
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-print(ptx.split(".section")[0])
-"""
-
-
-def test_pdl_variant_ptx() -> None:
-    """sm_90 PTX of the PDL kernel: before griddepcontrol.wait only L2 prefetches of W, one per
-    128-byte line (2 per thread for two [64, 128] bf16 tiles over 128 threads, not one per
-    element); launch_dependents after the wait; the split-K arrival is a gpu-scope acq_rel
-    atomic and the last program reads the partials with ld.global.cg."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _PDL_PTX_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ptx = proc.stdout
-    wait = ptx.index("griddepcontrol.wait")
-    assert wait < ptx.index("griddepcontrol.launch_dependents")
-    before = ptx[:wait]
-    for op in ("ld.global", "st.global", "cp.async", "atom.global", "red.global"):
-        assert op not in before, f"{op} before griddepcontrol.wait"
-    assert before.count("prefetch.global.L2") == ptx.count("prefetch.global.L2") == 2
-    assert "atom.global.gpu.acq_rel.add" in ptx
-    assert "ld.global.cg" in ptx
-    assert "wgmma.mma_async" in ptx
-
-
-@pytest.mark.skipif(ON_GPU, reason="on CUDA the tests above compile every kernel")
-def test_kernels_compile_for_sm90() -> None:
-    """Compile the kernel for sm_90 on this CPU-only machine (Triton ships ptxas): 16-byte
-    loads of W, wgmma on the default tile."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "baton.kernels.bench_gemv", "--ptx-check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "wgmma" in proc.stdout.splitlines()[0], proc.stdout[-3000:]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,9 +21,12 @@ from baton.kernels.attention_ref import (
     write_kv_cache,
 )
 
+if TYPE_CHECKING:  # Triton is not a dependency of the CPU install
+    from baton.kernels.triton_decode import DecodePrologue
+
 FOLD_PROLOGUE_MAX_ROWS = 4
 """Decode batches up to this size fold the attention prologue into the decode kernel: on a
-Llama-3.1-8B step on an H100 -0.049 ms at 1 row, -0.041 at 4, but +0.16 at 16 (docs/perf.md),
+Llama-3.1-8B step on an H100 -0.053 ms at 1 row, -0.040 at 4, but +0.16 at 16 (docs/perf.md),
 where every split program's own q rotation and larger shared memory cost more than the launch
 they save."""
 
@@ -152,7 +155,11 @@ class Attention(nn.Module):
         )
 
     def forward_folded(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, prologue: Any
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        prologue: DecodePrologue,
     ) -> torch.Tensor:
         """Decode attention with the prologue folded in (can_fold_prologue must hold): q
         [B, heads, head_dim] and the prologue's k are unrotated, and the step's K/V are not in

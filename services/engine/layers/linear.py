@@ -25,14 +25,26 @@ Each GEMM program then streams the norm weight beside x for every row it serves:
 at 1-4 rows (-0.07 / -0.09 ms per Llama-3.1-8B step on an H100), a loss at 16 (+0.14 ms)."""
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias), picking the kernel by device and row count."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """x @ weight^T (+ bias), picking the kernel by device and row count. The product is
+    rounded to x's dtype; out_dtype (e.g. fp32 logits) widens it after, which the skinny GEMM
+    does as it stores (no separate upcast)."""
     if x.is_cuda and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS:
         from baton.kernels.triton_gemv import skinny_linear, supports
 
         if supports(x, weight):
-            return skinny_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+            out = None
+            if out_dtype is not None and out_dtype != x.dtype:
+                out = x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)
+            return skinny_linear(x, weight, bias, out=out)
+    y = F.linear(x, weight, bias)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def _frozen(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from baton.services.engine.models.base import RopeScaling
+
+if TYPE_CHECKING:  # Triton is not a dependency of the CPU install
+    from baton.kernels.triton_decode import DecodePrologue
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: RopeScaling) -> torch.Tensor:
@@ -113,7 +116,7 @@ class RopeStep:
         v: torch.Tensor,
         slot_mapping: torch.Tensor,
         norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    ) -> Any:
+    ) -> DecodePrologue:
         """CUDA decode: the same prologue as rotate_and_write_kv, handed to the decode kernel
         to run (a triton_decode.DecodePrologue; q is the kernel's own argument)."""
         from baton.kernels.triton_decode import DecodePrologue

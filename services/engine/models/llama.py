@@ -16,7 +16,7 @@ embedding lookup leaves them too), and the next GEMM (gate_up, or the next layer
 RMS-normalises the residual as it loads it (triton_gemv.skinny_linear_add / NormedInput): 64
 fewer launches per step for an 8B model, each a few microseconds of a ~6 ms step. Only the
 final norm stays a kernel: folded into the LM head's 2000 programs it measured 0.02 ms slower
-per step (docs/perf.md). The LM head writes fp32 logits itself (compute_logits).
+per step (docs/perf.md). The LM head writes fp32 logits itself (linear(out_dtype=)).
 """
 
 from __future__ import annotations
@@ -28,13 +28,7 @@ from torch import nn
 
 from baton.kernels.cpu_linear import can_pack, pack_weight, packed_linear
 from baton.services.engine.layers.attention import Attention, AttentionMetadata
-from baton.services.engine.layers.linear import (
-    FUSED_NORM_MAX_ROWS,
-    SKINNY_MAX_ROWS,
-    Embedding,
-    Linear,
-    linear,
-)
+from baton.services.engine.layers.linear import FUSED_NORM_MAX_ROWS, Embedding, Linear, linear
 from baton.services.engine.layers.mlp import SwiGLUMLP
 from baton.services.engine.layers.norm import RMSNorm, rms_norm
 from baton.services.engine.layers.rotary import RopeStep, RotaryEmbedding
@@ -313,23 +307,13 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # In the model dtype, then upcast: what HF does, so bf16 logits match too.
-        if hidden.is_cuda and hidden.dim() == 2 and hidden.shape[0] <= SKINNY_MAX_ROWS:
-            from baton.kernels.triton_gemv import skinny_linear, supports
-
-            head = self._head_weight()
-            if supports(hidden, head):  # the skinny GEMM writes the upcast logits itself
-                rows, vocab = hidden.shape[0], head.shape[0]
-                out = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
-                return skinny_linear(hidden, head, out=out)
-        if self.lm_head is not None:
+        if self.lm_head is not None and self.lm_head.packed is not None:
             logits: torch.Tensor = self.lm_head(hidden)
-        elif self._packed_head is not None:
-            logits = packed_linear(
-                hidden, self._packed_head, None, self.model.embed_tokens.weight.shape[0]
-            )
-        else:
-            logits = linear(hidden, self.model.embed_tokens.weight)
-        return logits.float()
+            return logits.float()
+        if self._packed_head is not None:
+            vocab = self.model.embed_tokens.weight.shape[0]
+            return packed_linear(hidden, self._packed_head, None, vocab).float()
+        return linear(hidden, self._head_weight(), out_dtype=torch.float32)
 
     def pack_for_cpu(self) -> None:
         """Pack every projection (and the tied head, as its own copy) for oneDNN."""
