@@ -35,8 +35,10 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# The CPU throughput bench (engine vs transformers). The GPU ones live beside it in
+# services/engine/bench/ and kernels/bench/; scripts/device_check.sh runs them on a GPU.
 bench: $(STAMP)
-	$(VENV)/bin/python -m baton.services.engine.bench
+	$(VENV)/bin/python -m baton.services.engine.bench.throughput
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

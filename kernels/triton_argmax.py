@@ -4,7 +4,7 @@
     the first NaN if the row has any, as torch.argmax)
 
 torch's reduction gives a batch-1 row of 128k fp32 logits to a few thread blocks: 38 us on an
-H100, 0.7% of a Llama-3.1-8B decode step (bench_step_timeline). Here each row is cut into
+H100, 0.7% of a Llama-3.1-8B decode step (engine bench.step_timeline). Here each row is cut into
 CHUNK-element slices, one program each (32 programs for 128k), that reduce their slice to a
 (value, first index) pair; the program that arrives last for its row (an arrival counter, as in
 triton_gemv's split-K) reduces the row's pairs in slice order and writes the result. The

@@ -1,4 +1,4 @@
-"""The one block-hash function (DESIGN.md §1): engine, router index and KV store all key by it.
+"""The one block-hash function (docs/design.md §1): engine, router index and KV store all key by it.
 
 A block's key chains over its parent's key, its token ids and an extra part (model id, cache
 salt / tenant, adapter), so equal keys mean equal KV: same model, same tenant, same tokens at

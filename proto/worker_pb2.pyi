@@ -139,26 +139,38 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ..., destination: _Optional[_Union[KVDestination, _Mapping]] = ...) -> None: ...
 
 class KVDestination(_message.Message):
-    __slots__ = ("worker_id", "transport", "transport_metadata", "block_size", "first_block_index", "block_ids", "layout", "dtype", "kv_shape")
+    __slots__ = ("worker_id", "transport", "block_size", "first_block_index", "block_ids", "layout", "dtype", "ranks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
-    TRANSPORT_METADATA_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     FIRST_BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
-    KV_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     transport: str
-    transport_metadata: bytes
     block_size: int
     first_block_index: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     layout: str
     dtype: str
+    ranks: _containers.RepeatedCompositeFieldContainer[KVRankDestination]
+    def __init__(self, worker_id: _Optional[str] = ..., transport: _Optional[str] = ..., block_size: _Optional[int] = ..., first_block_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[KVRankDestination, _Mapping]]] = ...) -> None: ...
+
+class KVRankDestination(_message.Message):
+    __slots__ = ("rank", "kv_head_start", "num_kv_heads", "kv_shape", "transport_metadata")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    KV_HEAD_START_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    KV_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    kv_head_start: int
+    num_kv_heads: int
     kv_shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, worker_id: _Optional[str] = ..., transport: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., block_size: _Optional[int] = ..., first_block_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    transport_metadata: bytes
+    def __init__(self, rank: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., transport_metadata: _Optional[bytes] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token_id", "first_logprob", "kv_bytes", "prefill_s", "transfer_s", "num_cached_tokens")

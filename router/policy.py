@@ -4,9 +4,9 @@ Pure functions over plain data: no I/O, no clocks, no randomness. The Router gat
 inputs (registered workers, their last known load, its own pending assignments) and calls
 `choose_placement`; tests call it directly with hand-written inputs.
 
-A later issue grows this with the KV-event-fed prefix index (DESIGN §3): the score of a decode
-worker will then weigh the prompt blocks it already holds against its load. That is why the
-inputs are plain data that the caller assembles, and why the function takes the prompt size.
+The score is load alone: no prefix index feeds it yet (docs/design.md §3 builds one from KV
+events). The inputs are plain data that the caller assembles, and the function takes the prompt
+size, so that a score can weigh the prompt blocks a decode worker already holds against its load.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def choose_placement(
     policy "round_robin": the rr_counter-th worker of each pool in worker_id order.
     prefill is None when no prefill worker exists, or when the prompt has at most
     local_prefill_max_tokens tokens (conditional disaggregation: a short prompt costs less to
-    prefill on the decode worker than to hand off, DESIGN §2).
+    prefill on the decode worker than to hand off, docs/design.md §2).
     Raises NoWorkerAvailable when there is no decode or mixed worker.
     """
     if policy not in POLICIES:

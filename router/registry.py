@@ -1,9 +1,9 @@
-"""The worker registry on Redis (DESIGN §3): one key per worker, kept alive by heartbeat.
+"""The worker registry on Redis (docs/design.md §3): one key per worker, kept alive by heartbeat.
 
 Each worker writes `baton:worker:<worker_id>` = WorkerInfo as JSON with a TTL (default 6 s) and
 rewrites it every TTL/3. A worker that dies simply stops refreshing and its key expires, so the
 registry needs no cleanup and survives a Redis restart (the next heartbeat writes it back):
-soft state, DESIGN §4. Load is not stored here; the gateway polls it from workers over gRPC.
+soft state, docs/design.md §4. Load is not stored here; the gateway polls it from workers over gRPC.
 """
 
 from __future__ import annotations

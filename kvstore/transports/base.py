@@ -1,6 +1,6 @@
 """The KV transport contract: how a prefill worker writes KV blocks into a decode worker's cache.
 
-DESIGN §2: the decode worker owns the destination. It allocates block ids, advertises its
+docs/design.md §2: the decode worker owns the destination. It allocates block ids, advertises its
 transport's `metadata()` (bytes inside the protobuf `KVDestination`), and the prefill worker calls
 `write_blocks(peer_metadata, ...)`, which returns only once the bytes are in the remote tensor; the
 decode worker learns of completion from the gRPC reply sent after that. No transport needs a

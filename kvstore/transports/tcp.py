@@ -15,9 +15,9 @@ cut into segments of whole (layer, K/V) planes of about 4 MiB. Each segment carr
 so that both ends pipeline: the sender gathers (index_select) and checksums segment i+1 on a helper
 thread while it sends segment i straight from the buffer's memory; the receiver checks and
 scatters (index_copy_) segment i on a helper thread while it receives segment i+1. A segment is
-scattered only after its CRC matched (DESIGN §4: KV read from anywhere is checked before use); a
-mismatch anywhere fails the whole write, which leaves the destination blocks unspecified, as the
-transport contract allows: the decode worker does not use them until the acknowledgement.
+scattered only after its CRC matched (docs/design.md §4: KV read from anywhere is checked before
+use); a mismatch anywhere fails the whole write, which leaves the destination blocks unspecified,
+as the transport contract allows: the decode worker does not use them until the acknowledgement.
 write_blocks returns after that acknowledgement. CRC32, gather and scatter all release the GIL.
 """
 

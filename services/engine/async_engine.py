@@ -1,10 +1,11 @@
 """The engine for servers: EngineCore in its own thread, asyncio streams for callers.
 
 The engine thread owns the core (scheduler, KV cache, runner) and is the only thread that
-touches it. Callers on the event loop send commands (add, abort, disaggregation events, or any
-function to run on the core) through a thread-safe queue; the engine thread hands each step's
-outputs back to the loop with call_soon_threadsafe. One stream per user request carries lists
-of EngineCoreOutput (one entry per sequence that progressed in a step).
+touches it. Callers on the event loop send commands (add, abort, or any function to run on the
+core) through a thread-safe queue; the engine thread hands each step's outputs back to the loop
+with call_soon_threadsafe; KV transfers that end on other threads wake it with `wake()`. One
+stream per user request carries lists of EngineCoreOutput (one entry per sequence that
+progressed in a step).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,14 +23,15 @@ from baton.services.engine.outputs import EngineStats
 from baton.services.engine.request import Request
 from baton.services.engine.sampling_params import SamplingParams
 from baton.services.engine.sequences import SequenceFactory
-from baton.services.engine.step_io import EngineCoreOutput, RemotePrefillStart, TokenLogprobs
+from baton.services.engine.step_io import EngineCoreOutput
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _IDLE_WAIT_S = 0.05
 _STUCK_WAIT_S = 0.002
-"""With work queued but nothing runnable (all blocks held by transfers), poll this often."""
+"""With work queued but nothing runnable (waiting for transfers), poll this often (a transfer
+that ends calls wake(), so this only bounds a missed wake-up)."""
 
 
 @dataclass
@@ -51,9 +53,6 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._stats = core.stats()
-        self._tasks: set[asyncio.Future[None]] = set()
-        self.on_remote_prefill: Callable[[RemotePrefillStart], Awaitable[None]] | None = None
-        """Decode side: called on the loop when a request needs its prompt prefilled remotely."""
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -86,10 +85,10 @@ class AsyncEngine:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
-        remote_prefill_min_tokens: int | None = None,
-        hold_blocks: bool = False,
+        kv_transfer: object | None = None,
     ) -> AsyncIterator[list[EngineCoreOutput]]:
         """Stream a request's outputs. Raises ValueError before streaming for a bad request.
+        kv_transfer: the KV connector's parameters for every sequence of the request.
 
         Leaving the iteration early (the caller was cancelled or closed it) aborts every
         sequence of the request that has not finished.
@@ -98,8 +97,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seqs = self.sequences.make(request_id, prompt_token_ids, params, priority, cache_salt)
         for seq in seqs:
-            seq.remote_prefill_min_tokens = remote_prefill_min_tokens
-            seq.hold_blocks_on_finish = hold_blocks
+            seq.kv_transfer = kv_transfer
         ids = {s.request_id for s in seqs}
         stream = _Stream(request_id, ids, asyncio.Queue(), set(ids))
         self._streams[request_id] = stream
@@ -153,17 +151,9 @@ class AsyncEngine:
         self._commands.put(run)
         return await future
 
-    async def remote_kv_ready(
-        self, seq_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None
-    ) -> None:
-        out = await self.call(
-            lambda core: core.scheduler.remote_kv_ready(seq_id, first_token_id, logprobs)
-        )
-        if out is not None:
-            self._dispatch([out])
-
-    async def remote_kv_failed(self, seq_id: str) -> None:
-        await self.call(lambda core: core.scheduler.remote_kv_failed(seq_id))
+    def wake(self) -> None:
+        """Thread-safe: make the engine thread look at the core now (a transfer ended)."""
+        self._commands.put(lambda: None)
 
     # ---- engine thread ---------------------------------------------------------------------
 
@@ -194,12 +184,9 @@ class AsyncEngine:
                 logger.exception("engine step failed")
                 loop.call_soon_threadsafe(self._fail_all, e)
                 continue
-            starts = self.core.scheduler.take_remote_prefill_starts()
             self._stats = self.core.stats()
             if outputs:
                 loop.call_soon_threadsafe(self._dispatch, outputs)
-            for start in starts:
-                loop.call_soon_threadsafe(self._start_remote, start)
             wait_s = 0.0 if self.core.last_num_scheduled_tokens else _STUCK_WAIT_S
 
     # ---- event loop side -------------------------------------------------------------------
@@ -214,18 +201,6 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream.queue.put_nowait(outs)
-
-    def _start_remote(self, start: RemotePrefillStart) -> None:
-        if self.on_remote_prefill is None:
-            logger.error("no remote prefill handler: prefilling %s locally", start.request_id)
-            self._spawn(self.remote_kv_failed(start.request_id))
-            return
-        self._spawn(self.on_remote_prefill(start))
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)  # keep a reference until done: the loop holds tasks weakly
-        task.add_done_callback(self._tasks.discard)
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in list(self._streams.values()):

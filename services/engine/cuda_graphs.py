@@ -14,9 +14,10 @@ filled from pinned host copies without a stream sync:
 Padding rows: token 0 at position 0, slot -1 (the KV write skips it), seq_len 0 (attention
 returns zeros); their logits are computed and ignored.
 
-Attention inside a graph uses a fixed split-KV count per bucket, chosen for max_model_len; a
-split that starts past a sequence's end costs one near-empty program, so short contexts lose
-little. Buckets are captured largest first into one memory pool, so they share its memory.
+Attention inside a graph runs on a plan the backend makes over the static buffers
+(AttentionBackend.plan_static_decode: Triton's uses a fixed split-KV count per bucket, chosen
+for max_model_len). Buckets are captured largest first into one memory pool, so they share its
+memory.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from baton.services.engine.attention.base import AttentionBackend, AttentionSpec
+from baton.services.engine.attention.registry import create_backend, default_backend
 from baton.services.engine.layers.attention import AttentionMetadata
 from baton.services.engine.models.base import CausalLM
 
@@ -67,19 +70,23 @@ class DecodeGraphs:
         block_size: int,
         max_batch: int,
         max_model_len: int,
+        backend: AttentionBackend | None = None,
     ) -> None:
-        from baton.kernels.triton_attention import choose_num_splits, plan_decode
-        from baton.kernels.triton_decode import num_sms_of
-
+        """backend: the engine's attention backend (supports_cuda_graphs); None makes CUDA's
+        default one for this model and cache."""
         device = kv_cache.device
         assert device.type == "cuda", device
+        if backend is None:
+            cfg = model.config
+            spec = AttentionSpec(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_cache.dtype)
+            backend = create_backend(default_backend(device.type), spec, device)
+        assert backend.supports_cuda_graphs, backend.name
         self.model = model
         self.kv_cache = kv_cache
         self.buckets = graph_buckets(max_batch)
         self.max_batch = self.buckets[-1]
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
-        num_kv_heads = model.config.num_kv_heads
         self._ints = torch.zeros(4, self.max_batch, dtype=torch.int64, device=device)
         self._tables = torch.zeros(
             self.max_batch, self.max_blocks, dtype=torch.int32, device=device
@@ -98,21 +105,17 @@ class DecodeGraphs:
         self._metas: dict[int, AttentionMetadata] = {}
         self.num_replays = 0
         """Decode steps served from a graph (a counter for tests and metrics)."""
-        sms = num_sms_of(device)
         for b in self.buckets:
-            splits = choose_num_splits(b, num_kv_heads, max_model_len, sms)
             # The tables and seq_lens are copied in before each replay: static for the graph.
-            plan = plan_decode(
-                self._tables[:b], self._ints[3, :b], block_size, splits, static_inputs=True
-            )
+            tables, seq_lens = self._tables[:b], self._ints[3, :b]
             self._metas[b] = AttentionMetadata(
                 slot_mapping=self._ints[2, :b],
-                block_tables=self._tables[:b],
+                block_tables=tables,
                 seq_lens=[],
                 query_start_loc=[],
                 block_size=block_size,
-                num_kv_heads=num_kv_heads,
-                device_plan=plan,
+                backend=backend,
+                planned=backend.plan_static_decode(tables, seq_lens, block_size, max_model_len),
             )
 
     @torch.inference_mode()

@@ -1,4 +1,8 @@
-"""The engine core: owns scheduler, KV cache manager and runner, and runs the step loop."""
+"""The engine core: the scheduler, the KV cache manager and an executor, and the step loop.
+
+EngineCore is the engine's only face: services, benchmarks and tests ask it (never its
+scheduler, KV manager or runner) for what they need.
+"""
 
 from __future__ import annotations
 
@@ -7,70 +11,42 @@ import logging
 import torch
 
 from baton.services.engine.config import CacheConfig, SchedulerConfig
+from baton.services.engine.cuda_graphs import DecodeGraphs
+from baton.services.engine.executor import Executor, RankKVLayout
 from baton.services.engine.kv_cache_manager import KVCacheManager
+from baton.services.engine.kv_connector import KVConnector
+from baton.services.engine.kv_events import KVEventPublisher, StorageTier
 from baton.services.engine.models.base import CausalLM
 from baton.services.engine.outputs import EngineStats
 from baton.services.engine.request import Request, RequestStatus
-from baton.services.engine.runner import ModelRunner, PendingStep, kv_bytes_per_block
+from baton.services.engine.runner import PendingStep
 from baton.services.engine.scheduler import Scheduler
 from baton.services.engine.step_io import EngineCoreOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 
-CPU_DEFAULT_POOL_BYTES = 512 * 1024**2
-
-
-def _auto_pool_bytes(
-    model: CausalLM,
-    cache: CacheConfig,
-    scheduler: SchedulerConfig,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> int:
-    """KV pool size when none is given: 512 MiB on CPU; on CUDA, this engine's share of the
-    device (gpu_memory_utilization of its memory) minus what this process already holds
-    (weights) and an activation reserve, and never more than is free. Several engines on one
-    device each pass their own share (baton serve divides it among its workers)."""
-    if device.type != "cuda":
-        return CPU_DEFAULT_POOL_BYTES
-    free, total = torch.cuda.mem_get_info(device)
-    arch = model.config
-    elem = torch.empty((), dtype=dtype).element_size()
-    # Peak activations of the largest step (hidden states, qkv, gate_up) plus fp32 logits and
-    # the sampler's temporaries for a full decode batch, plus headroom for the allocator.
-    tokens = scheduler.max_num_batched_tokens
-    width = 6 * arch.hidden_size + 3 * arch.intermediate_size
-    reserve = tokens * width * elem + scheduler.max_num_seqs * arch.vocab_size * 4 * 6
-    reserve += 1024**3
-    share = int(cache.gpu_memory_utilization * total) - torch.cuda.memory_reserved(device)
-    return max(0, min(share, free) - reserve)
-
-
 class EngineCore:
     def __init__(
         self,
-        model: CausalLM,
+        executor: Executor,
         cache: CacheConfig,
         scheduler: SchedulerConfig,
         max_model_len: int,
-        dtype: torch.dtype,
-        device: torch.device,
         *,
-        graph_max_batch: int = 0,
-        attention_backend: str = "triton",
         async_scheduling: bool = False,
-        pdl: bool | None = None,
+        kv_connector: KVConnector | None = None,
+        worker_id: str = "",
     ) -> None:
-        """graph_max_batch > 0 (CUDA): capture decode CUDA graphs up to that batch size.
-        async_scheduling: schedule and launch step N+1 before collecting step N's tokens.
-        pdl: launch Triton kernels with programmatic dependent launch (None: where supported)."""
+        """async_scheduling: schedule and launch step N+1 before collecting step N's tokens.
+        kv_connector: loads and saves KV from outside (e.g. a remote prefill); both its roles.
+        worker_id: names this engine in its KV events."""
         num_blocks = cache.num_blocks
         if num_blocks is None:
             pool_bytes = cache.kv_cache_memory_bytes
             if pool_bytes is None:
-                pool_bytes = _auto_pool_bytes(model, cache, scheduler, dtype, device)
-            num_blocks = pool_bytes // kv_bytes_per_block(model.config, cache.block_size, dtype)
+                pool_bytes = executor.available_kv_bytes(cache, scheduler)
+            num_blocks = pool_bytes // executor.kv_bytes_per_block(cache.block_size)
             if num_blocks < 1:
                 raise ValueError(f"no room for a KV pool ({pool_bytes} bytes available)")
         capacity = num_blocks * cache.block_size
@@ -83,62 +59,78 @@ class EngineCore:
             max_model_len = capacity
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler, self.kv, max_model_len)
-        self.runner = ModelRunner(
-            model,
-            num_blocks,
-            cache.block_size,
-            dtype,
-            device,
-            cuda_graph_max_batch=min(graph_max_batch, scheduler.max_num_seqs),
-            max_model_len=max_model_len,
-            attention_backend=attention_backend,
-            pdl=pdl,
-        )
+        self.kv_events = KVEventPublisher(worker_id, StorageTier.DEVICE, cache.block_size)
+        """This engine's prefix-cache changes, drained from the pool once per step (bounded)."""
+        self.scheduler = Scheduler(scheduler, self.kv, max_model_len, kv_connector)
+        self.executor = executor
+        executor.initialize(num_blocks, cache.block_size, max_model_len, kv_connector)
         self.async_scheduling = async_scheduling
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
         """Async scheduling: the launched step whose tokens the next step() collects."""
         self.last_num_scheduled_tokens = 0
         """Tokens the last step launched or collected: 0 means the engine had nothing it
         could run."""
+        self.num_launched_tokens = 0
+        """Tokens launched over the engine's life (computed, or dropped when a request ended
+        while its step was in flight)."""
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
 
     def abort(self, request_ids: list[str]) -> list[Request]:
-        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        return self.finish(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        """End requests in any state (e.g. on a stop string), freeing what they hold."""
+        return self.scheduler.finish_requests(request_ids, status)
 
     def step(self) -> list[EngineCoreOutput]:
-        """schedule → launch → collect → update. An empty schedule still tells the runner
-        what ended.
+        """transfers → schedule → launch → collect → update. An empty schedule still tells the
+        executor what ended and hands the connector its instructions.
 
         Synchronous: the step's own tokens come back. Async scheduling: this step is launched,
         then the previous one is collected and its tokens come back, so the host's scheduling
         and output work overlaps the GPU's forward (outputs trail by one step; a request that
-        stops has computed one token more, which is dropped).
+        stops has computed one token more, which is dropped). First tokens that a connector's
+        loads brought (a remote prefill) come back with the step that saw them land.
         """
+        outputs = self.scheduler.update_from_connector(self.executor.finished_transfers())
         scheduled = self.scheduler.schedule()
-        pending = self.runner.launch(scheduled)
-        if not self.async_scheduling:
-            self.last_num_scheduled_tokens = scheduled.total_num_scheduled_tokens
-            if pending is None:
-                return []
-            return self.scheduler.update_from_output(scheduled, self.runner.collect(pending))
-        previous = self._in_flight
-        self._in_flight = None if pending is None else (scheduled, pending)
+        pending = self.executor.execute(scheduled)
         self.last_num_scheduled_tokens = scheduled.total_num_scheduled_tokens
-        if previous is None:
-            return []
-        self.last_num_scheduled_tokens += previous[0].total_num_scheduled_tokens
-        return self.scheduler.update_from_output(previous[0], self.runner.collect(previous[1]))
+        self.num_launched_tokens += scheduled.total_num_scheduled_tokens
+        done = None if pending is None else (scheduled, pending)
+        if self.async_scheduling:  # collect the previous step instead; this one runs on
+            done, self._in_flight = self._in_flight, done
+            if done is not None:
+                self.last_num_scheduled_tokens += done[0].total_num_scheduled_tokens
+        if done is not None:
+            outputs += self.scheduler.update_from_output(done[0], self.executor.collect(done[1]))
+        # Evictions of this schedule and blocks published by this update: one batch per step.
+        self.kv_events.publish(self.kv.take_events())
+        return outputs
+
+    @property
+    def has_step_in_flight(self) -> bool:
+        """Async scheduling: a launched step's tokens are not collected yet."""
+        return self._in_flight is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
+        """Requests to run, a step in flight, or blocks held for a transfer that has not ended."""
+        return (
+            self.scheduler.num_unfinished > 0
+            or self._in_flight is not None
+            or self.scheduler.has_pending_transfers
+        )
 
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.running),
+            num_decoding=sum(
+                r.num_computed_tokens >= r.num_prompt_tokens for r in self.scheduler.running
+            ),
             num_waiting=len(self.scheduler.waiting),
+            num_loading=len(self.scheduler.loading),
             kv_cache_usage=self.kv.usage(),
             num_kv_blocks=self.kv.num_blocks,
             prefix_cache_queries_tokens=self.kv.prefix_queries_tokens,
@@ -153,3 +145,42 @@ class EngineCore:
     def check_integrity(self, expect_idle: bool = False) -> None:
         """Block-pool invariants; at idle every block is free or cached and none referenced."""
         self.kv.check_integrity(expect_idle)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (benchmarks: each run starts cold)."""
+        self.kv.reset_prefix_cache()
+
+    # ---- what the engine runs on -------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.block_size
+
+    def kv_layouts(self) -> tuple[RankKVLayout, ...]:
+        """Every rank's KV tensor layout, in rank order (what a KV transport advertises)."""
+        return self.executor.kv_layouts()
+
+    def kv_cache(self, rank: int = 0) -> torch.Tensor:
+        """A rank's paged KV tensor (ranks of this process only)."""
+        return self.executor.kv_cache(rank)
+
+    @property
+    def model(self) -> CausalLM:
+        """Rank 0's model (benchmarks)."""
+        return self.executor.model
+
+    @property
+    def decode_graphs(self) -> DecodeGraphs | None:
+        """Rank 0's captured decode CUDA graphs, if any (benchmarks and GPU tests)."""
+        return self.executor.decode_graphs
+
+    def release_decode_graphs(self) -> None:
+        """Drop the decode graphs: later steps run eagerly (a benchmark captures its own)."""
+        self.executor.release_decode_graphs()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from baton.services.engine.block_pool import BlockEvent, BlockPool, KVBlock
+from baton.services.engine.block_pool import BlockPool, KVBlock
+from baton.services.engine.kv_events import BlockEvent
 from baton.services.engine.request import Request
 
 
@@ -33,7 +34,7 @@ class KVCacheManager:
         self._blocks: dict[str, list[KVBlock]] = {}
         self._num_published: dict[str, int] = {}
         self.prefix_queries_tokens = 0
-        """Prompt tokens looked up in the prefix cache (a Prometheus counter in [2/4])."""
+        """Prompt tokens looked up in the prefix cache (baton:prefix_cache_queries_total)."""
         self.prefix_hits_tokens = 0
         """Of those, tokens found."""
 
@@ -120,8 +121,21 @@ class KVCacheManager:
     def num_held(self, request: Request) -> int:
         return len(self._blocks.get(request.request_id, ()))
 
+    # ---- KV events (kv_events.py): drained by the engine once per step
+
     def take_events(self) -> list[BlockEvent]:
+        """The pool's raw block events since the last call, oldest first."""
         return self.pool.take_events()
+
+    def request_snapshot(self) -> None:
+        """Make the next take_events() a snapshot (CLEARED, then every cached block): what a
+        consumer that lost its place resyncs from."""
+        self.pool.request_snapshot()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (an AllBlocksCleared event); False, changing nothing,
+        while any request holds blocks."""
+        return self.pool.reset_prefix_cache()
 
     def check_integrity(self, expect_idle: bool = False) -> None:
         self.pool.check_integrity(expect_idle)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
-from baton.services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from baton.services.engine.config import EngineConfig
 from baton.services.engine.llm_engine import LLMEngine
 from baton.services.engine.outputs import RequestOutput
 from baton.services.engine.sampling_params import SamplingParams
@@ -14,29 +13,17 @@ from baton.services.engine.sampling_params import SamplingParams
 Prompt = str | list[int]
 Message = dict[str, str]
 
-_CACHE_FIELDS = {f.name for f in fields(CacheConfig)}
-_SCHED_FIELDS = {f.name for f in fields(SchedulerConfig)}
-_ENGINE_FIELDS = {f.name for f in fields(EngineConfig)} - {"cache", "scheduler"}
-
 
 class LLM:
     """Batch generation on one local engine.
 
-    Keyword arguments are the fields of EngineConfig, CacheConfig and SchedulerConfig, e.g.
+    Keyword arguments are the fields of EngineConfig, CacheConfig and SchedulerConfig by their
+    own names (EngineConfig.from_kwargs), e.g.
     LLM(model="smollm2", dtype="bfloat16", block_size=16, max_num_seqs=32).
     """
 
     def __init__(self, model: str = "smollm2", **kwargs: Any) -> None:
-        unknown = set(kwargs) - _CACHE_FIELDS - _SCHED_FIELDS - _ENGINE_FIELDS
-        if unknown:
-            raise TypeError(f"unknown LLM arguments: {sorted(unknown)}")
-        config = EngineConfig(
-            model=model,
-            cache=CacheConfig(**{k: v for k, v in kwargs.items() if k in _CACHE_FIELDS}),
-            scheduler=SchedulerConfig(**{k: v for k, v in kwargs.items() if k in _SCHED_FIELDS}),
-            **{k: v for k, v in kwargs.items() if k in _ENGINE_FIELDS},
-        )
-        self.engine = LLMEngine.from_config(config)
+        self.engine = LLMEngine.from_config(EngineConfig.from_kwargs(model=model, **kwargs))
 
     def generate(
         self,

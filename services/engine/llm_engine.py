@@ -16,6 +16,8 @@ from baton.services.engine.config import EngineConfig
 from baton.services.engine.detokenizer import IncrementalDetokenizer
 from baton.services.engine.dtypes import resolve_dtype
 from baton.services.engine.engine_core import EngineCore
+from baton.services.engine.executor import RunnerOptions, UniProcExecutor
+from baton.services.engine.kv_connector import KVConnector
 from baton.services.engine.loader import LoadedModel, load_model
 from baton.services.engine.outputs import (
     CompletionOutput,
@@ -74,7 +76,15 @@ def _metrics(r: Request) -> RequestMetrics:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel,
+        kv_connector: KVConnector | None = None,
+        worker_id: str = "",
+    ) -> None:
+        """kv_connector: where KV comes from or goes to outside this engine (a worker's).
+        worker_id: names the engine in its KV events."""
         self.config = config
         self.model_id = loaded.model_id
         self.tokenizer: Tokenizer | None = loaded.tokenizer
@@ -82,17 +92,21 @@ class LLMEngine:
         max_len = loaded.arch.max_position_embeddings
         if config.max_model_len is not None:
             max_len = min(max_len, config.max_model_len)
+        options = RunnerOptions(
+            dtype=resolve_dtype(config.dtype, config.device),
+            device=torch.device(config.device),
+            graph_max_batch=min(config.graph_max_batch, config.scheduler.max_num_seqs),
+            attention_backend=config.attention_backend,
+            pdl=config.pdl,
+        )
         self.core = EngineCore(
-            loaded.model,
+            UniProcExecutor(loaded.model, options),
             config.cache,
             config.scheduler,
             max_len,
-            resolve_dtype(config.dtype, config.device),
-            torch.device(config.device),
-            graph_max_batch=config.graph_max_batch,
-            attention_backend=config.attention_backend,
             async_scheduling=bool(config.async_scheduling),
-            pdl=config.pdl,
+            kv_connector=kv_connector,
+            worker_id=worker_id,
         )
         self.max_model_len = self.core.max_model_len
         self.eos_token_ids = tuple(loaded.arch.eos_token_ids) or (
@@ -112,10 +126,12 @@ class LLMEngine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> LLMEngine:
+    def from_config(
+        cls, config: EngineConfig, kv_connector: KVConnector | None = None, worker_id: str = ""
+    ) -> LLMEngine:
         dtype = resolve_dtype(config.dtype, config.device)
         loaded = load_model(config.model, dtype, config.device, config.seed)
-        return cls(config, loaded)
+        return cls(config, loaded, kv_connector, worker_id)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -211,9 +227,7 @@ class LLMEngine:
             completion.text = seq.detok.output_text
             if stop_str is not None and finish_reason is None:
                 # A stop string ends the sequence here even though the scheduler would go on.
-                self.core.scheduler.finish_requests(
-                    [seq.request.request_id], RequestStatus.FINISHED_STOPPED
-                )
+                self.core.finish([seq.request.request_id], RequestStatus.FINISHED_STOPPED)
                 finish_reason, stop_reason = "stop", stop_str
             elif stop_str is not None:
                 finish_reason, stop_reason = "stop", stop_str

@@ -27,7 +27,7 @@ class CompletionOutput:
 
 @dataclass(frozen=True)
 class RequestMetrics:
-    """Per-request timings (time.monotonic seconds) and counters, for Prometheus in [2/4]."""
+    """Per-request timings (time.monotonic seconds) and counters, returned in RequestOutput."""
 
     arrival_s: float
     first_scheduled_s: float | None
@@ -70,7 +70,7 @@ class RequestOutput:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot of engine state: Prometheus gauges and counters in [2/4]."""
+    """A snapshot of engine state: a worker polls it for its Prometheus gauges and counters."""
 
     num_running: int
     num_waiting: int
@@ -81,3 +81,7 @@ class EngineStats:
     num_preemptions: int
     num_outstanding_tokens: int = 0
     """Prompt tokens still to compute plus tokens still to generate: the router's load signal."""
+    num_decoding: int = 0
+    """Running requests whose prompt is computed (they generate one token a step)."""
+    num_loading: int = 0
+    """Requests waiting for a KV connector's load (e.g. a remote prefill)."""

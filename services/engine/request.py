@@ -14,7 +14,8 @@ from baton.services.engine.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
-    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
+    WAITING_FOR_KV = "waiting_for_kv"
+    """Its blocks are allocated; a KV connector is filling them (asynchronous load)."""
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -37,7 +38,7 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class RequestTimings:
-    """Wall-clock marks (time.monotonic seconds) that the metrics of [2/4] are cut from."""
+    """Wall-clock marks (time.monotonic seconds) that RequestMetrics and the TTFT split use."""
 
     arrival_s: float = field(default_factory=time.monotonic)
     first_scheduled_s: float | None = None
@@ -85,11 +86,9 @@ class Request:
         """Prompt tokens served from the prefix cache at first admission (-1 = not yet)."""
         self.wait_for = wait_for
         """Admit only after this sibling's prompt is computed, to share its blocks (n > 1)."""
-        self.remote_prefill_min_tokens: int | None = None
-        """Disaggregated decode: have a remote worker prefill the prompt when at least this many
-        prompt tokens miss the local prefix cache (None: always prefill locally)."""
-        self.hold_blocks_on_finish = False
-        """Prefill-for-remote: keep the blocks after finishing until release_held (transfer)."""
+        self.kv_transfer: object | None = None
+        """The KV connector's own parameters for this request (where its KV comes from or goes
+        to); opaque to the scheduler, None when no connector is involved."""
         self.timings = RequestTimings()
         self.generator: torch.Generator | None = None
         if seed is not None:

@@ -20,6 +20,8 @@ from typing import overload
 import numpy as np
 import torch
 
+from baton.services.engine.attention.base import AttentionSpec
+from baton.services.engine.attention.registry import create_backend
 from baton.services.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from baton.services.engine.host_io import array_to_device, to_device
 from baton.services.engine.layers.attention import AttentionMetadata
@@ -141,8 +143,10 @@ class ModelRunner:
         pdl: bool | None = None,
     ) -> None:
         """cuda_graph_max_batch > 0 on a CUDA device captures decode graphs up to that batch
-        (max_model_len then sizes their block tables and split-KV count). attention_backend
-        picks the CUDA attention kernels ("triton" or "flashinfer"). pdl: programmatic
+        (max_model_len then sizes their block tables and split-KV count) where the attention
+        backend runs CUDA graphs. attention_backend: a name of attention.registry's
+        backend_choices(), resolved for this device ("auto" and "triton" are the torch
+        reference on CPU). pdl: programmatic
         dependent launch for the Triton kernels (None: where the device supports it); a
         process-wide switch, set before the graphs are captured."""
         self.model = model
@@ -166,25 +170,22 @@ class ModelRunner:
         """The last sampling step's token ids, on the device (inputs of the next step)."""
         self._last_rows: dict[str, int] = {}
         """Request id → its row in _last_sampled."""
-        self.attention_backend = attention_backend if device.type == "cuda" else "triton"
-        self._flashinfer_workspace: torch.Tensor | None = None
-        if self.attention_backend == "flashinfer":
-            from baton.kernels.flashinfer_attention import flashinfer_available
-
-            if not flashinfer_available():
-                raise RuntimeError("attention_backend 'flashinfer' needs flashinfer-python")
-            # FlashInfer's float workspace, zeroed before first use, reused by every step.
-            self._flashinfer_workspace = torch.zeros(
-                128 * 1024**2, dtype=torch.uint8, device=device
-            )
+        spec = AttentionSpec(self.arch.num_heads, self.arch.num_kv_heads, self.arch.head_dim, dtype)
+        self.attn_backend = create_backend(attention_backend, spec, device)
+        """Chosen once; allocates what its kernels keep across steps (FlashInfer's workspace)."""
         self.graphs: DecodeGraphs | None = None
-        if device.type == "cuda" and cuda_graph_max_batch > 0:
+        if (
+            device.type == "cuda"
+            and cuda_graph_max_batch > 0
+            and self.attn_backend.supports_cuda_graphs
+        ):
             self.graphs = DecodeGraphs(
                 model,
                 self.kv_cache,
                 block_size=block_size,
                 max_batch=cuda_graph_max_batch,
                 max_model_len=max_model_len,
+                backend=self.attn_backend,
             )
             self.graphs.capture()
 
@@ -319,30 +320,17 @@ class ModelRunner:
         for row, table in enumerate(tables):
             block_tables[row, : len(table)] = table
         device_tables = array_to_device(block_tables, self.device)
-        plan = None
-        if self._flashinfer_workspace is not None:
-            from baton.kernels.flashinfer_attention import plan_flashinfer
-
-            plan = plan_flashinfer(
-                device_tables,
-                host.seq_lens,
-                host.query_start_loc,
-                self.block_size,
-                self.arch.num_heads,
-                self.arch.num_kv_heads,
-                self.arch.head_dim,
-                self.kv_cache.dtype,
-                self._flashinfer_workspace,
-            )
+        backend = self.attn_backend
+        # Planned once here (host work and one copy, no device sync), shared by every layer.
+        plan = backend.plan(device_tables, host.seq_lens, host.query_start_loc, self.block_size)
         meta = AttentionMetadata(
             slot_mapping=to_device(host.slots, torch.int64, self.device),
             block_tables=device_tables,
             seq_lens=host.seq_lens,
             query_start_loc=host.query_start_loc,
             block_size=self.block_size,
-            num_kv_heads=self.arch.num_kv_heads,
-            device_plan=plan,
-            backend=self.attention_backend,
+            backend=backend,
+            planned=plan,
         )
         return _BatchInputs(
             input_ids=to_device(host.input_ids, torch.int64, self.device),

@@ -6,6 +6,12 @@ are applied first. When a running request cannot get a block, the lowest-priorit
 request not yet scheduled this step is preempted by recompute: it gives back all its blocks and
 returns to the head of the queue keeping its outputs; on resumption it recomputes prompt and
 outputs (hitting the prefix cache where its blocks survived) and carries on.
+
+A KV connector (kv_connector.py) may supply a waiting request's tokens beyond its prefix hit:
+the request is admitted with all its blocks allocated and waits, outside the running set, until
+the connector reports the load finished (then it runs, often with its first token already
+sampled by whoever computed the prompt) or failed (then it is prefilled here). A finished
+request whose blocks the connector is still sending is held until the send ends.
 """
 
 from __future__ import annotations
@@ -16,37 +22,43 @@ from collections.abc import Iterable
 
 from baton.services.engine.config import SchedulerConfig
 from baton.services.engine.kv_cache_manager import KVCacheManager, PrefixHit
+from baton.services.engine.kv_connector import KVConnector, KVConnectorOutput
 from baton.services.engine.request import Request, RequestStatus
 from baton.services.engine.step_io import (
     CachedRequestData,
     EngineCoreOutput,
     ModelRunnerOutput,
     NewRequestData,
-    RemotePrefillStart,
     SchedulerOutput,
     TokenLogprobs,
 )
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        connector: KVConnector | None = None,
+    ) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
+        self.connector = connector
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()
         self.num_preemptions = 0
-        # Disaggregation. Decode side: requests whose blocks a remote prefill is filling, and
-        # aborted ones whose blocks must outlive the transfer in flight. Prefill side: finished
-        # requests whose blocks are held until they have been sent.
-        self.awaiting_kv: dict[str, Request] = {}
-        self._aborted_in_flight: dict[str, Request] = {}
-        self._remote_starts: list[RemotePrefillStart] = []
-        self._unsent: set[str] = set()
-        """Running requests the runner has not seen yet (admitted through remote KV)."""
-        self.held: dict[str, tuple[Request, tuple[int, ...]]] = {}
+        self.loading: dict[str, tuple[Request, int]] = {}
+        """Requests whose blocks the connector is filling, and the tokens it supplies."""
+        self._aborted_loading: dict[str, Request] = {}
+        """Ended while loading: their blocks outlive the abort until the load ends."""
+        self.held: dict[str, Request] = {}
+        """Finished requests whose blocks the connector is still sending."""
+        self._unseen: set[str] = set()
+        """Running requests the runner has not seen yet (admitted through a connector load)."""
         self._unreported: deque[SchedulerOutput] = deque()
         """Scheduled steps whose results update_from_output has not seen yet, oldest first (two
         at most under async scheduling: one being collected, one running)."""
@@ -73,14 +85,16 @@ class Scheduler:
             request = self.requests.pop(request_id, None)
             if request is None:
                 continue
-            self._unsent.discard(request_id)
-            if request_id in self.awaiting_kv:
-                # A transfer may still be writing into its blocks: free them only once the
-                # prefill worker has answered (remote_kv_ready / remote_kv_failed).
-                del self.awaiting_kv[request_id]
-                self._aborted_in_flight[request_id] = request
+            self._unseen.discard(request_id)
+            if request_id in self.loading:
+                # The connector may still be writing into its blocks: free them only once it
+                # reports the load finished (update_from_connector), whatever it answers here.
+                del self.loading[request_id]
+                self._aborted_loading[request_id] = request
                 request.status = status
                 request.timings.finished_s = time.monotonic()
+                assert self.connector is not None
+                self.connector.request_finished(request, self.kv.block_ids(request))
                 ended.append(request)
                 continue
             if request in self.running:
@@ -91,60 +105,56 @@ class Scheduler:
             ended.append(request)
         return ended
 
-    # ---- disaggregation --------------------------------------------------------------------
+    # ---- KV connector ----------------------------------------------------------------------
 
-    def take_remote_prefill_starts(self) -> list[RemotePrefillStart]:
-        starts, self._remote_starts = self._remote_starts, []
-        return starts
+    def update_from_connector(self, output: KVConnectorOutput) -> list[EngineCoreOutput]:
+        """Apply the loads and saves that ended; returns the first tokens that loads brought."""
+        for request_id in output.finished_saves:
+            request = self.held.pop(request_id, None)
+            if request is not None:
+                self.kv.free(request)
+        outputs: list[EngineCoreOutput] = []
+        for load in output.finished_loads:
+            aborted = self._aborted_loading.pop(load.request_id, None)
+            if aborted is not None:
+                self.kv.free(aborted)
+                continue
+            entry = self.loading.pop(load.request_id, None)
+            if entry is None:
+                continue  # not ours (reported twice, or unknown): nothing to do
+            request, num_loaded = entry
+            if not load.ok:
+                # Nothing is lost but time: prefill here. The connector does not offer a
+                # request it failed once again.
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                request.status = RequestStatus.WAITING
+                self._enqueue(request, front=True)
+                continue
+            request.status = RequestStatus.RUNNING
+            self._insert_running(request)
+            self._unseen.add(request.request_id)
+            if load.first_token_id is None:
+                # The loaded KV is here; at least the last prompt token is computed locally.
+                request.num_computed_tokens = min(
+                    request.num_computed_tokens + num_loaded, request.num_tokens - 1
+                )
+                self.kv.cache_computed(request)
+                continue
+            request.num_computed_tokens = request.num_tokens
+            self.kv.cache_computed(request)
+            result = ModelRunnerOutput(
+                {request.request_id: load.first_token_id},
+                {request.request_id: load.first_logprobs} if load.first_logprobs else {},
+            )
+            scheduled = SchedulerOutput((), (), {request.request_id: 0}, 0, frozenset())
+            outputs.extend(self.update_from_output(scheduled, result))
+        return outputs
 
-    def remote_kv_ready(
-        self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None
-    ) -> EngineCoreOutput | None:
-        """The prompt's KV is in this worker's blocks and its first token was sampled remotely.
-
-        Returns the first token's output (None if the request was aborted meanwhile).
-        """
-        if self._release_aborted(request_id):
-            return None
-        request = self.awaiting_kv.pop(request_id)
-        request.num_computed_tokens = request.num_prompt_tokens
-        self.kv.cache_computed(request)
-        request.status = RequestStatus.RUNNING
-        self._insert_running(request)
-        self._unsent.add(request_id)
-        result = ModelRunnerOutput(
-            {request_id: first_token_id}, {request_id: logprobs} if logprobs else {}
-        )
-        scheduled = SchedulerOutput((), (), {request_id: 0}, 0, frozenset())
-        outputs = self.update_from_output(scheduled, result)
-        return outputs[0] if outputs else None
-
-    def remote_kv_failed(self, request_id: str) -> None:
-        """The remote prefill failed: prefill here instead (nothing is lost but time)."""
-        if self._release_aborted(request_id):
-            return
-        request = self.awaiting_kv.pop(request_id)
-        self.kv.free(request)
-        request.num_computed_tokens = 0
-        request.remote_prefill_min_tokens = None
-        request.status = RequestStatus.WAITING
-        self._enqueue(request, front=True)
-
-    def held_block_ids(self, request_id: str) -> tuple[int, ...]:
-        return self.held[request_id][1]
-
-    def release_held(self, request_id: str) -> None:
-        """The held blocks of a finished prefill-for-remote request have been sent."""
-        entry = self.held.pop(request_id, None)
-        if entry is not None:
-            self.kv.free(entry[0])
-
-    def _release_aborted(self, request_id: str) -> bool:
-        request = self._aborted_in_flight.pop(request_id, None)
-        if request is None:
-            return False
-        self.kv.free(request)
-        return True
+    @property
+    def has_pending_transfers(self) -> bool:
+        """Blocks held for a connector's load or save that has not ended."""
+        return bool(self.held or self._aborted_loading)
 
     @property
     def num_unfinished(self) -> int:
@@ -178,8 +188,8 @@ class Scheduler:
                 continue  # `request` itself was preempted; running[i] is now the next one
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-            if request.request_id in self._unsent:
-                self._unsent.discard(request.request_id)
+            if request.request_id in self._unseen:
+                self._unseen.discard(request.request_id)
                 new.append(self._new_request_data(request))
             else:
                 cached.append(
@@ -207,6 +217,9 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_request_ids=frozenset(finished),
+            kv_connector_metadata=(
+                self.connector.build_metadata() if self.connector is not None else None
+            ),
         )
         if not out.is_empty:
             self._unreported.append(out)
@@ -265,7 +278,7 @@ class Scheduler:
     def _admit(self, budget: int, num_scheduled: dict[str, int], new: list[NewRequestData]) -> int:
         i = 0
         while i < len(self.waiting) and budget > 0:
-            if len(self.running) + len(self.awaiting_kv) >= self.config.max_num_seqs:
+            if len(self.running) + len(self.loading) >= self.config.max_num_seqs:
                 break
             request = self.waiting[i]
             sibling = request.wait_for
@@ -277,8 +290,11 @@ class Scheduler:
                 i += 1  # share the sibling's prompt blocks once they exist (n > 1)
                 continue
             hit = self.kv.find_prefix(request)
-            if self._wants_remote_prefill(request, hit.num_tokens):
-                if not self._admit_remote(request, hit):
+            num_external = 0
+            if self.connector is not None:
+                num_external = self.connector.num_matched_tokens(request, hit.num_tokens)
+            if num_external > 0:
+                if not self._admit_loading(request, hit, num_external):
                     break
                 self.waiting.pop(i)
                 continue
@@ -298,33 +314,21 @@ class Scheduler:
             new.append(self._new_request_data(request))
         return budget
 
-    def _wants_remote_prefill(self, request: Request, num_hit_tokens: int) -> bool:
-        """Conditional disaggregation: remote only when enough of the prompt misses the cache."""
-        threshold = request.remote_prefill_min_tokens
-        if threshold is None or request.num_output_tokens > 0:
-            return False  # never for a request resumed after preemption: it has outputs
-        return request.num_prompt_tokens - num_hit_tokens >= max(threshold, 1)
-
-    def _admit_remote(self, request: Request, hit: PrefixHit) -> bool:
-        """Allocate every prompt block; the prefill worker fills those past the hit."""
-        num_missing = request.num_prompt_tokens - hit.num_tokens
-        if self.kv.allocate(request, num_missing, hit) is None:
+    def _admit_loading(self, request: Request, hit: PrefixHit, num_external: int) -> bool:
+        """Allocate blocks for the hit and the connector's tokens; the request waits for them."""
+        if self.kv.allocate(request, num_external, hit) is None:
             return False
-        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        assert self.connector is not None
+        self.connector.after_allocation(
+            request, self.kv.block_ids(request), hit.num_tokens, num_external
+        )
+        request.status = RequestStatus.WAITING_FOR_KV
         request.num_computed_tokens = hit.num_tokens
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = hit.num_tokens
         if request.timings.first_scheduled_s is None:
             request.timings.first_scheduled_s = time.monotonic()
-        self.awaiting_kv[request.request_id] = request
-        self._remote_starts.append(
-            RemotePrefillStart(
-                request.request_id,
-                tuple(request.prompt_token_ids),
-                hit.num_tokens,
-                tuple(self.kv.block_ids(request)),
-            )
-        )
+        self.loading[request.request_id] = (request, num_external)
         return True
 
     def _new_request_data(self, request: Request) -> NewRequestData:
@@ -407,10 +411,13 @@ class Scheduler:
         return None
 
     def _end(self, request: Request, status: RequestStatus) -> None:
-        if request.hold_blocks_on_finish and status is not RequestStatus.FINISHED_ABORTED:
-            self.held[request.request_id] = (request, tuple(self.kv.block_ids(request)))
-        else:
-            self.kv.free(request)
         request.status = status
         request.timings.finished_s = time.monotonic()
         self._finished_ids.add(request.request_id)
+        connector = self.connector
+        if connector is not None and connector.request_finished(
+            request, self.kv.block_ids(request)
+        ):
+            self.held[request.request_id] = request
+        else:
+            self.kv.free(request)

@@ -12,10 +12,7 @@ from dataclasses import dataclass
 from baton.kvstore.block_hash import BlockHashExtra
 from baton.services.engine.request import Request
 from baton.services.engine.sampling_params import SamplingParams
-
-
-def sequence_id(request_id: str, index: int, n: int) -> str:
-    return request_id if n == 1 else f"{request_id}#{index}"
+from baton.services.engine.sequence_ids import sequence_id
 
 
 @dataclass(frozen=True)

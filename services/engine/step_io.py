@@ -7,10 +7,14 @@ each request's token ids itself and appends what it samples, so decodes send no 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from baton.services.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from baton.services.engine.kv_connector import KVConnectorMetadata
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_request_ids: frozenset[str]
     """Requests that ended (or were preempted) since the last step: the runner drops them."""
+    kv_connector_metadata: KVConnectorMetadata | None = None
+    """The KV connector's instructions for its worker side this step (loads, saves)."""
 
     @property
     def is_empty(self) -> bool:
@@ -88,20 +94,3 @@ class EngineCoreOutput:
     """Prompt tokens served from the prefix cache (set on every output)."""
     first_scheduled_s: float | None = None
     """time.monotonic() of first admission (set on the first token's output only)."""
-
-
-@dataclass(frozen=True)
-class RemotePrefillStart:
-    """A decode-side request admitted for remote prefill: its blocks are allocated, to be filled.
-
-    The worker asks a prefill worker to compute the prompt and write blocks
-    block_ids[num_cached_tokens // block_size:] of this worker's cache, then reports back with
-    Scheduler.remote_kv_ready (or remote_kv_failed).
-    """
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    num_cached_tokens: int
-    """Prompt tokens already in this worker's prefix cache (a whole number of blocks)."""
-    block_ids: tuple[int, ...]
-    """Every block of the prompt, the cached ones first."""

@@ -4,11 +4,16 @@ transformers is not needed at runtime: tokenizer.json holds the whole pipeline, 
 template is rendered here the way transformers renders it (sandboxed jinja2, trim_blocks,
 lstrip_blocks, raise_exception / strftime_now helpers, special tokens as variables), so the
 prompt string is byte-identical to `AutoTokenizer.apply_chat_template`.
+
+A folder's tokenizer is tokenizer.json, or the same compressed as tokenizer.json.xz or .json.gz
+(the bundled dummy tokenizers are stored so: a full vocabulary is megabytes of JSON).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import cached_property
@@ -20,6 +25,17 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.json.xz", "tokenizer.json.gz")
+_DECOMPRESS = {".xz": lzma.decompress, ".gz": gzip.decompress}
+
+
+def find_tokenizer_file(folder: str | Path) -> Path | None:
+    """The folder's first of TOKENIZER_FILES, or None."""
+    for name in TOKENIZER_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            return path
+    return None
 
 
 def _raise_exception(message: str) -> None:
@@ -97,8 +113,13 @@ class Tokenizer:
         chat_template: str | None = None,
         extra_eos_token_ids: Sequence[int] = (),
     ) -> Tokenizer:
-        """From a tokenizer.json alone; special tokens and template are given by the caller."""
-        backend = tokenizers.Tokenizer.from_file(str(tokenizer_json_path))
+        """From a tokenizer.json (.xz, .gz) alone; special tokens and template from the caller."""
+        path = Path(tokenizer_json_path)
+        decompress = _DECOMPRESS.get(path.suffix)
+        if decompress is not None:
+            backend = tokenizers.Tokenizer.from_str(decompress(path.read_bytes()).decode("utf-8"))
+        else:
+            backend = tokenizers.Tokenizer.from_file(str(path))
         return cls(
             backend,
             special_tokens=special_tokens,
@@ -130,8 +151,11 @@ class Tokenizer:
             template: str | None = template_path.read_text(encoding="utf-8")
         else:
             template = _pick_template(config.get("chat_template"))
+        tokenizer_file = find_tokenizer_file(root)
+        if tokenizer_file is None:
+            raise FileNotFoundError(f"no {' or '.join(TOKENIZER_FILES)} in {root}")
         return cls.from_file(
-            root / "tokenizer.json",
+            tokenizer_file,
             special_tokens=special,
             chat_template=template,
             extra_eos_token_ids=extra_eos_token_ids,

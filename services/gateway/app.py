@@ -1,4 +1,4 @@
-"""The gateway's OpenAI-compatible HTTP app (FastAPI), and `python -m` to serve one model locally.
+"""The gateway's OpenAI-compatible HTTP app (FastAPI) over any Backend.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (API key required when
 keys are configured), GET /health (200 when the backend can take requests, else 503), GET
@@ -11,16 +11,13 @@ malformed JSON are told apart and reported (400) in OpenAI's error shape like ev
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import json
-import os
 import time
 import uuid
 from collections.abc import Sequence
 from typing import TypeVar
 
-import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
@@ -183,30 +180,3 @@ def _request_id(request: Request) -> str:
 
 def _arrival_s(request: Request) -> float:
     return float(request.scope.get(ARRIVAL_SCOPE_KEY) or time.monotonic())
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Serve one model from an in-process engine: python -m baton.services.gateway.app."""
-    from baton.services.gateway.local_backend import LocalBackend
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
-        help="accepted Bearer key (repeatable; also $BATON_API_KEY)",
-    )
-    args = parser.parse_args(argv)
-    keys = [*args.api_key, *filter(None, [os.environ.get("BATON_API_KEY")])]
-    backend = LocalBackend.create(args.model, args.dtype, max_model_len=args.max_model_len)
-    app = build_app(backend, backend.tokenizer, backend.model_id, backend.max_model_len, keys)
-    uvicorn.run(app, host=args.host, port=args.port)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """The gateway's backend over the cluster: router placement, then gRPC to the decode worker.
 
-The decode worker owns the request (DESIGN §2): the gateway sends Generate to it, naming the
+The decode worker owns the request (docs/design.md §2): the gateway sends Generate to it, naming the
 prefill worker the router chose; the decode worker decides (conditional disaggregation) whether
 to use it. Load for the router comes from each worker's GetLoadStats.
 """
@@ -16,10 +16,10 @@ import grpc
 from redis.asyncio import Redis
 
 from baton.proto import worker_pb2 as pb
-from baton.proto import worker_pb2_grpc as pb_grpc
 from baton.router.policy import NoWorkerAvailable, WorkerLoad
 from baton.router.registry import WorkerInfo
 from baton.router.router import Router
+from baton.services.engine.sequence_ids import parse_sequence_id
 from baton.services.gateway.backend import (
     Backend,
     BackendError,
@@ -27,6 +27,7 @@ from baton.services.gateway.backend import (
     BackendUnavailable,
     InvalidRequest,
 )
+from baton.services.wire import ChannelPool
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 class GrpcBackend(Backend):
     def __init__(self, redis_url: str, model: str | None = None, policy: str = "least_load"):
         self._redis = Redis.from_url(redis_url)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelPool()
         self.router = Router(self._redis, self._fetch_load, model=model, policy=policy)
         self._owners: dict[str, str] = {}
         """request id → address of the decode worker serving it (for abort)."""
@@ -45,15 +46,10 @@ class GrpcBackend(Backend):
             self._started = True
             await self.router.start()
 
-    def _stub(self, address: str) -> pb_grpc.WorkerStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address)
-            self._channels[address] = channel
-        return pb_grpc.WorkerStub(channel)  # type: ignore[no-untyped-call]
-
     async def _fetch_load(self, worker: WorkerInfo) -> WorkerLoad:
-        s = await self._stub(worker.address).GetLoadStats(pb.LoadStatsRequest(), timeout=1.0)
+        s = await self._channels.stub(worker.address).GetLoadStats(
+            pb.LoadStatsRequest(), timeout=1.0
+        )
         return WorkerLoad(
             worker_id=worker.worker_id,
             num_outstanding_tokens=s.num_outstanding_tokens,
@@ -75,7 +71,7 @@ class GrpcBackend(Backend):
             request.prefill.address = placement.prefill.address
         decode = placement.decode
         self._owners[request_id] = decode.address
-        call = self._stub(decode.address).Generate(request)
+        call = self._channels.stub(decode.address).Generate(request)
         done = False
         try:
             async for msg in call:
@@ -103,12 +99,15 @@ class GrpcBackend(Backend):
     async def abort(self, request_ids: list[str]) -> None:
         by_worker: dict[str, list[str]] = {}
         for rid in request_ids:
-            address = self._owners.get(rid) or self._owners.get(rid.rpartition("#")[0])
+            # "r1#2" (one of r1's sequences: a stop string hit it) goes where r1 went.
+            address = self._owners.get(parse_sequence_id(rid)[0])
             if address is not None:
                 by_worker.setdefault(address, []).append(rid)
         for address, ids in by_worker.items():
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await self._stub(address).Abort(pb.AbortRequest(request_ids=ids), timeout=2.0)
+                await self._channels.stub(address).Abort(
+                    pb.AbortRequest(request_ids=ids), timeout=2.0
+                )
 
     async def ready(self) -> bool:
         await self.start()
@@ -116,6 +115,5 @@ class GrpcBackend(Backend):
 
     async def close(self) -> None:
         await self.router.stop()
-        for channel in self._channels.values():
-            await channel.close()
+        await self._channels.close()
         await self._redis.aclose()

@@ -15,6 +15,7 @@ from dataclasses import fields
 
 from baton.proto import worker_pb2 as pb
 from baton.services.engine.sampling_params import SamplingParams, as_stop_tuple
+from baton.services.engine.sequence_ids import SEPARATOR
 from baton.services.engine.tokenizer import Tokenizer
 from baton.services.gateway.backend import Backend
 from baton.services.gateway.errors import bad_request, model_not_found, param_of
@@ -22,7 +23,7 @@ from baton.services.gateway.logprobs import TokenTexts
 from baton.services.gateway.protocol import PromptTokensDetails, SamplingFields, UsageInfo
 from baton.services.gateway.streaming import Generation
 from baton.services.metrics import Metrics
-from baton.services.worker.convert import params_to_pb
+from baton.services.wire import params_to_pb
 
 _PARAM_NAMES = tuple(f.name for f in fields(SamplingParams))
 
@@ -128,8 +129,9 @@ class Serving:
             params_pb = params_to_pb(params)
         except ValueError as e:  # protobuf range checks (e.g. a seed beyond int64)
             raise bad_request(f"a sampling parameter is out of range: {e}") from e
-        # Unique even when a client reuses its X-Request-Id; "#" is the backend's separator.
-        base = f"{request_id.replace('#', '_')}-{secrets.token_hex(4)}"
+        # Unique even when a client reuses its X-Request-Id; SEPARATOR ("#") is reserved for
+        # sequence ids (sequence_ids.py).
+        base = f"{request_id.replace(SEPARATOR, '_')}-{secrets.token_hex(4)}"
         arrival_unix_s = time.time()
         gens: list[Generation] = []
         for i, prompt in enumerate(prompts):

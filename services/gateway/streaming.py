@@ -27,6 +27,7 @@ from starlette.responses import StreamingResponse
 from baton.proto import worker_pb2 as pb
 from baton.services.engine.detokenizer import IncrementalDetokenizer
 from baton.services.engine.sampling_params import SamplingParams
+from baton.services.engine.sequence_ids import sequence_id
 from baton.services.engine.tokenizer import Tokenizer
 from baton.services.gateway.backend import Backend, BackendError
 from baton.services.gateway.errors import ClientDisconnected
@@ -39,11 +40,6 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 def sse(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
-
-
-def sequence_abort_id(request_id: str, index: int, n: int) -> str:
-    """The id that aborts one sequence (baton.v1 AbortRequest: "r1#2"; "r1" when n == 1)."""
-    return request_id if n == 1 else f"{request_id}#{index}"
 
 
 @dataclass
@@ -101,7 +97,7 @@ class Generation:
         self.choices = [
             Choice(
                 first_index + i,
-                sequence_abort_id(request.request_id, i, n),
+                sequence_id(request.request_id, i, n),
                 IncrementalDetokenizer(tokenizer, prompt, params),
             )
             for i in range(n)

@@ -13,18 +13,21 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio import Redis
 
-from baton.kvstore.transports.base import KVTransport
 from baton.proto import worker_pb2_grpc as pb_grpc
 from baton.router.registry import WorkerInfo, WorkerRegistration
 from baton.services.engine.async_engine import AsyncEngine
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.llm_engine import LLMEngine
+from baton.services.worker.connectors.remote_prefill import (
+    RemotePrefillConfig,
+    RemotePrefillConnector,
+)
 from baton.services.worker.metrics_feed import WorkerMetricsFeed
 from baton.services.worker.service import ServiceConfig, WorkerService
 
@@ -38,24 +41,32 @@ GRPC_OPTIONS = [
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """One worker process."""
+    """One worker process (its engine's settings are an EngineConfig of their own)."""
 
-    role: str = "mixed"
+    role: str = field(default="mixed", metadata={"choices": ("prefill", "decode", "mixed")})
+    """"prefill" (prompts; hands the KV on), "decode" (takes the KV over) or "mixed" (both)."""
     host: str = "127.0.0.1"
+    """Address the gRPC server binds and announces."""
     port: int = 0
     """gRPC port; 0 picks a free one (announced through the registry)."""
     worker_id: str = ""
     """Empty: "<role>-<host>-<random>"."""
     redis_url: str = ""
     """Empty: do not register (a worker used directly, e.g. in tests)."""
-    transport: str = "tcp"
-    """KV transport for the prefill → decode handoff: "tcp" | "nixl" | "mooncake"."""
+    # the names of kvstore/transports/registry.py (tests/unit/test_cli_flags.py checks they agree)
+    transport: str = field(default="tcp", metadata={"choices": ("tcp", "nixl", "mooncake")})
+    """KV transport for the prefill → decode handoff."""
     metrics_port: int | None = None
     """Prometheus /metrics HTTP port; None: no metrics server, 0: a free port."""
     remote_prefill_min_tokens: int = 32
+    """Conditional disaggregation: a prompt missing fewer tokens than this (after the prefix
+    cache) is prefilled on the decode worker, not handed to a prefill worker."""
     max_queued_requests: int = 256
+    """Refuse new requests (HTTP 429) while this many wait to be admitted."""
     drain_timeout_s: float = 30.0
+    """On SIGTERM: how long running requests may take to finish before the worker stops."""
     registry_ttl_s: float = 6.0
+    """Lifetime of the registry key the heartbeat renews (a dead worker vanishes after it)."""
 
 
 class Worker:
@@ -72,27 +83,32 @@ class Worker:
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
-        llm = await asyncio.to_thread(LLMEngine.from_config, self.engine_config)
+        self.connector: RemotePrefillConnector | None = None
+        if self.config.role in ("prefill", "decode"):
+            self.connector = RemotePrefillConnector(
+                RemotePrefillConfig(
+                    worker_id=self.worker_id,
+                    transport=self.config.transport,
+                    min_tokens=self.config.remote_prefill_min_tokens,
+                )
+            )
+        llm = await asyncio.to_thread(
+            LLMEngine.from_config, self.engine_config, self.connector, self.worker_id
+        )
         self.engine = AsyncEngine(llm.core, llm.sequences)
         self.engine.start()
+        if self.connector is not None:
+            self.connector.bind(asyncio.get_running_loop(), self.engine.wake)
         self.model_id = llm.model_id
-        self.transport: KVTransport | None = None
-        if self.config.role in ("prefill", "decode"):
-            from baton.kvstore.transports.registry import create_transport  # loads NIXL lazily
-
-            self.transport = create_transport(
-                self.config.transport, llm.core.runner.kv_cache, self.worker_id
-            )
         self.service = WorkerService(
             self.engine,
             ServiceConfig(
                 worker_id=self.worker_id,
                 role=self.config.role,
                 model_id=llm.model_id,
-                remote_prefill_min_tokens=self.config.remote_prefill_min_tokens,
                 max_queued_requests=self.config.max_queued_requests,
             ),
-            self.transport,
+            self.connector,
         )
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         pb_grpc.add_WorkerServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
@@ -103,6 +119,8 @@ class Worker:
         self.feed = WorkerMetricsFeed(self.registry, llm.model_id, self.config.role)
         self._feed_task = asyncio.create_task(self.feed.run(self.engine))
         self.service.observer = self.feed
+        if self.connector is not None:
+            self.connector.on_transfer = self.feed.on_transfer
         if self.config.metrics_port is not None:
             server, _ = start_http_server(
                 self.config.metrics_port, addr=self.config.host, registry=self.registry
@@ -116,8 +134,8 @@ class Worker:
                 address=self.address,
                 role=self.config.role,  # type: ignore[arg-type]
                 model=llm.model_id,
-                num_kv_blocks=llm.core.kv.num_blocks,
-                block_size=llm.core.kv.block_size,
+                num_kv_blocks=llm.core.num_blocks,
+                block_size=llm.core.block_size,
                 transport=self.config.transport,
                 started_unix_s=time.time(),
                 metrics_address=(
@@ -148,10 +166,9 @@ class Worker:
             await asyncio.sleep(0.05)
         await self.server.stop(grace=1.0)
         self._feed_task.cancel()
-        await self.service.close()
         await self.engine.stop()
-        if self.transport is not None:
-            self.transport.close()
+        if self.connector is not None:
+            await self.connector.aclose()
         if self.registration is not None:
             await self.redis.aclose()
         logger.info("worker %s stopped", self.worker_id)

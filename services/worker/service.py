@@ -1,9 +1,11 @@
-"""The worker's gRPC service: Generate (stream), Prefill (KV handoff), Abort, Health, load.
+"""The worker's gRPC service: RPC glue around one AsyncEngine.
 
-Roles: "mixed" serves whole requests; "decode" also asks a prefill worker to compute a prompt
-(when the gateway named one and enough of the prompt misses its prefix cache) and receives the
-KV straight into the blocks it allocated; "prefill" computes prompts and writes their KV into a
-decode worker's blocks (it can serve Generate too, which the router does not ask of it).
+Generate (stream), Prefill (compute a prompt and write its KV into a decode worker's blocks),
+Abort, Health, load. The prefill → decode handoff itself is the engine's KV connector
+(connectors/remote_prefill.py): Generate only tells the engine which prefill worker may compute
+the prompt, Prefill only runs a one-token request that the connector sends when it finishes.
+Roles: "mixed" serves whole requests; "decode" may have prompts prefilled elsewhere; "prefill"
+computes prompts for decode workers (it can serve Generate too, which the router does not ask).
 """
 
 from __future__ import annotations
@@ -13,21 +15,20 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 
-from baton.kvstore.transports.base import KVTransport
 from baton.proto import worker_pb2 as pb
 from baton.proto import worker_pb2_grpc as pb_grpc
 from baton.services.engine.async_engine import AsyncEngine
-from baton.services.engine.step_io import RemotePrefillStart
-from baton.services.worker.convert import (
-    delta_to_pb,
-    logprob_from_pb,
-    logprob_to_pb,
-    params_from_pb,
+from baton.services.wire import delta_to_pb, logprob_to_pb, params_from_pb
+from baton.services.worker.connectors.remote_prefill import (
+    Handoff,
+    PullFromPrefill,
+    RemotePrefillConnector,
+    SendToDecode,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ class WorkerObserver(Protocol):
 
     def on_first_token(self, ttft: pb.TtftBreakdown, num_prompt_tokens: int) -> None: ...
     def on_tokens(self, num_tokens: int) -> None: ...
-    def on_transfer(self, num_bytes: int, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -47,42 +47,22 @@ class ServiceConfig:
     role: str = "mixed"
     """"prefill" | "decode" | "mixed"."""
     model_id: str = ""
-    remote_prefill_min_tokens: int = 32
-    """Conditional disaggregation: fewer missing prompt tokens than this are prefilled here."""
-    prefill_timeout_s: float = 120.0
     max_queued_requests: int = 256
     """Refuse new requests (RESOURCE_EXHAUSTED → HTTP 429) while this many wait to be admitted."""
 
 
-@dataclass
-class _Handoff:
-    """A decode-side request's remote prefill: where from, and what it cost."""
-
-    source: pb.GenerateRequest
-    received_s: float = field(default_factory=time.monotonic)
-    started_s: float | None = None
-    prefill_s: float = 0.0
-    transfer_s: float = 0.0
-    kv_ready_s: float | None = None
-    kv_bytes: int = 0
-    remote: bool = False
-
-
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(
-        self, engine: AsyncEngine, config: ServiceConfig, transport: KVTransport | None
+        self,
+        engine: AsyncEngine,
+        config: ServiceConfig,
+        connector: RemotePrefillConnector | None,
     ) -> None:
         self.engine = engine
         self.config = config
-        self.transport = transport
+        self.connector = connector
         self.draining = False
-        self.kv_bytes_sent = 0
-        self.kv_bytes_received = 0
-        self._handoffs: dict[str, _Handoff] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._tasks: set[asyncio.Future[None]] = set()
         self.observer: WorkerObserver | None = None
-        engine.on_remote_prefill = self._remote_prefill
 
     # ---- Generate --------------------------------------------------------------------------
 
@@ -100,11 +80,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             params = params_from_pb(request.params)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        remote_min = None
-        handoff = _Handoff(request)
-        if request.HasField("prefill") and request.prefill.address and self.transport:
-            remote_min = self.config.remote_prefill_min_tokens
-        self._handoffs[request.request_id] = handoff
+        source = None
+        if request.HasField("prefill") and request.prefill.address and self.connector:
+            source = PullFromPrefill(request.prefill.address, request.params, request.cache_salt)
+        received_s = time.monotonic()
         first = True
         try:
             stream = self.engine.generate(
@@ -113,7 +92,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 params,
                 priority=request.priority,
                 cache_salt=request.cache_salt or None,
-                remote_prefill_min_tokens=remote_min,
+                kv_transfer=source,
             )
             async for outs in stream:
                 msg = pb.GenerateResponse(
@@ -121,11 +100,13 @@ class WorkerService(pb_grpc.WorkerServicer):
                 )
                 if first:
                     first = False
+                    handoff = self._take_handoff(request.request_id)
                     msg.num_prompt_tokens = len(request.prompt_token_ids)
                     msg.num_cached_tokens = outs[0].num_cached_tokens
-                    msg.prefilled_remotely = handoff.remote
-                    msg.kv_bytes_received = handoff.kv_bytes
-                    msg.ttft.CopyFrom(self._ttft(request, handoff, outs[0].first_scheduled_s))
+                    msg.prefilled_remotely = handoff is not None
+                    msg.kv_bytes_received = handoff.kv_bytes if handoff else 0
+                    ttft = _ttft(request, received_s, outs[0].first_scheduled_s, handoff)
+                    msg.ttft.CopyFrom(ttft)
                     if self.observer is not None:
                         self.observer.on_first_token(msg.ttft, msg.num_prompt_tokens)
                 if self.observer is not None:
@@ -134,110 +115,31 @@ class WorkerService(pb_grpc.WorkerServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
-            self._handoffs.pop(request.request_id, None)
+            self._take_handoff(request.request_id)
 
-    def _ttft(
-        self, request: pb.GenerateRequest, h: _Handoff, scheduled_s: float | None
-    ) -> pb.TtftBreakdown:
-        now = time.monotonic()
-        admitted = h.started_s or scheduled_s or h.received_s
-        routing = 0.0
-        if request.arrival_unix_s and request.routed_unix_s:
-            routing = max(request.routed_unix_s - request.arrival_unix_s, 0.0)
-        if h.remote and h.kv_ready_s is not None:
-            return pb.TtftBreakdown(
-                queue_s=admitted - h.received_s,
-                routing_s=routing,
-                prefill_s=h.prefill_s,
-                transfer_s=h.transfer_s,
-                first_decode_s=max(now - h.kv_ready_s, 0.0),
-            )
-        return pb.TtftBreakdown(
-            queue_s=max(admitted - h.received_s, 0.0),
-            routing_s=routing,
-            prefill_s=max(now - admitted, 0.0),
-        )
+    def _take_handoff(self, request_id: str) -> Handoff | None:
+        """The request's remote prefill, if it had a successful one."""
+        if self.connector is None:
+            return None
+        handoff = self.connector.take_handoff(request_id)
+        return handoff if handoff is not None and handoff.kv_ready_s is not None else None
 
-    # ---- decode side of the handoff --------------------------------------------------------
-
-    async def _remote_prefill(self, start: RemotePrefillStart) -> None:
-        seq_id = start.request_id
-        handoff = self._handoffs.get(seq_id.rpartition("#")[0] or seq_id) or self._handoffs.get(
-            seq_id
-        )
-        if handoff is None or self.transport is None:
-            await self.engine.remote_kv_failed(seq_id)
-            return
-        handoff.started_s = time.monotonic()
-        source = handoff.source
-        kv = self.engine.core.runner.kv_cache
-        block_size = kv.shape[3]
-        first_block = start.num_cached_tokens // block_size
-        dest = pb.KVDestination(
-            worker_id=self.config.worker_id,
-            transport=self.transport.name,
-            transport_metadata=self.transport.metadata(),
-            block_size=block_size,
-            first_block_index=first_block,
-            block_ids=list(start.block_ids[first_block:]),
-            layout="LT2BSHD",
-            dtype=str(kv.dtype).removeprefix("torch."),
-            kv_shape=list(kv.shape),
-        )
-        params = source.params
-        prefill = pb.PrefillRequest(
-            request_id=seq_id,
-            prompt_token_ids=list(start.prompt_token_ids),
-            params=params,
-            cache_salt=source.cache_salt,
-            destination=dest,
-        )
-        stub = pb_grpc.WorkerStub(self._channel(source.prefill.address))  # type: ignore[no-untyped-call]
-        try:
-            resp = await stub.Prefill(prefill, timeout=self.config.prefill_timeout_s)
-        except grpc.aio.AioRpcError as e:
-            logger.warning(
-                "remote prefill of %s on %s failed (%s: %s): prefilling locally",
-                seq_id,
-                source.prefill.address,
-                e.code().name,
-                e.details(),
-            )
-            await self.engine.remote_kv_failed(seq_id)
-            return
-        handoff.remote = True
-        handoff.prefill_s = resp.prefill_s
-        handoff.transfer_s = resp.transfer_s
-        handoff.kv_bytes = resp.kv_bytes
-        handoff.kv_ready_s = time.monotonic()
-        self.kv_bytes_received += resp.kv_bytes
-        if self.observer is not None:
-            self.observer.on_transfer(resp.kv_bytes, resp.transfer_s)
-        logprob = logprob_from_pb(resp.first_logprob) if resp.HasField("first_logprob") else None
-        await self.engine.remote_kv_ready(seq_id, resp.first_token_id, logprob)
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address)
-            self._channels[address] = channel
-        return channel
-
-    # ---- prefill side of the handoff -------------------------------------------------------
+    # ---- Prefill (for a decode worker) -----------------------------------------------------
 
     async def Prefill(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrefillResponse:
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
-        dest = request.destination
-        if self.transport is None or dest.transport != self.transport.name:
-            have = self.transport.name if self.transport else "none"
+        connector = self.connector
+        if connector is None:
             await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"destination wants transport {dest.transport!r}; this worker has {have!r}",
+                grpc.StatusCode.FAILED_PRECONDITION, "this worker has no KV transport"
             )
-        assert self.transport is not None
+        assert connector is not None
+        problem = connector.check_destination(request.destination)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         try:
             params = params_from_pb(request.params)
             params = dataclasses.replace(
@@ -246,6 +148,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         seq_id = f"{request.request_id}@prefill"
+        sent = connector.expect_send(seq_id)
         t0 = time.monotonic()
         last = None
         try:
@@ -254,46 +157,23 @@ class WorkerService(pb_grpc.WorkerServicer):
                 list(request.prompt_token_ids),
                 params,
                 cache_salt=request.cache_salt or None,
-                hold_blocks=True,
+                kv_transfer=SendToDecode(request.destination),
             ):
                 last = outs[-1]
         except ValueError as e:
+            connector.forget_send(seq_id)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if last is None or last.finish_reason == "abort":
+            connector.forget_send(seq_id)
             await context.abort(grpc.StatusCode.ABORTED, "prefill was aborted")
         assert last is not None
         prefill_s = time.monotonic() - t0
-        held = await self.engine.call(lambda core: core.scheduler.held_block_ids(seq_id))
-        first = dest.first_block_index
-        src = list(held[first : first + len(dest.block_ids)])
-        transport = self.transport
-        transfer = asyncio.ensure_future(
-            asyncio.to_thread(
-                transport.write_blocks,
-                dest.transport_metadata,
-                request.request_id,
-                src,
-                list(dest.block_ids),
-            )
-        )
-
-        def release(_: object) -> None:
-            # Only once the bytes are out (even if this RPC was cancelled meanwhile): until then
-            # the transport thread reads these blocks.
-            task = asyncio.ensure_future(
-                self.engine.call(lambda core: core.scheduler.release_held(seq_id))
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        transfer.add_done_callback(release)
         try:
-            stats = await asyncio.shield(transfer)
+            # Shielded: if this RPC is cancelled the write goes on, and the engine releases the
+            # blocks only once it has ended.
+            stats = await asyncio.shield(asyncio.wrap_future(sent))
         except Exception as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {e}")
-        self.kv_bytes_sent += stats.num_bytes
-        if self.observer is not None:
-            self.observer.on_transfer(stats.num_bytes, stats.seconds)
         resp = pb.PrefillResponse(
             request_id=request.request_id,
             first_token_id=last.new_token_ids[-1],
@@ -338,6 +218,28 @@ class WorkerService(pb_grpc.WorkerServicer):
             num_free_kv_blocks=round((1.0 - s.kv_cache_usage) * s.num_kv_blocks),
         )
 
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+
+def _ttft(
+    request: pb.GenerateRequest,
+    received_s: float,
+    scheduled_s: float | None,
+    handoff: Handoff | None,
+) -> pb.TtftBreakdown:
+    now = time.monotonic()
+    admitted = scheduled_s or received_s
+    routing = 0.0
+    if request.arrival_unix_s and request.routed_unix_s:
+        routing = max(request.routed_unix_s - request.arrival_unix_s, 0.0)
+    if handoff is not None and handoff.kv_ready_s is not None:
+        return pb.TtftBreakdown(
+            queue_s=max(admitted - received_s, 0.0),
+            routing_s=routing,
+            prefill_s=handoff.prefill_s,
+            transfer_s=handoff.transfer_s,
+            first_decode_s=max(now - handoff.kv_ready_s, 0.0),
+        )
+    return pb.TtftBreakdown(
+        queue_s=max(admitted - received_s, 0.0),
+        routing_s=routing,
+        prefill_s=max(now - admitted, 0.0),
+    )

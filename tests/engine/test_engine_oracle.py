@@ -90,7 +90,7 @@ def test_chunked_prefill_16(prompts: list[list[int]], expected: list[list[int]])
 
 
 def test_shared_system_prompt_hits_prefix_cache(llm: LLM, hf_greedy: Greedy) -> None:
-    llm.engine.core.kv.pool.reset_prefix_cache()
+    llm.engine.core.reset_prefix_cache()
     prompts = [_chat_ids(llm, q, SYSTEM) for q in QUESTIONS]
     want = [hf_greedy(p, NEW_TOKENS) for p in prompts]
     first = llm.generate(prompts[:1], GREEDY)

@@ -30,7 +30,7 @@ from baton.services.gateway.backend import (
     BackendOverloaded,
     BackendUnavailable,
 )
-from baton.services.gateway.local_backend import LocalBackend
+from baton.services.local_backend import LocalBackend
 
 pytestmark = pytest.mark.slow
 

@@ -141,7 +141,7 @@ def test_greedy_matches_transformers_bf16(tmp_path: Path, arch: str, backend: st
     cases = _robust_prompts(hf, 5)
     prompts = [prompt for prompt, _ in cases]
     llm = _tiny_llm(tmp_path, attention_backend=backend)
-    graphs = llm.engine.core.runner.graphs
+    graphs = llm.engine.core.decode_graphs
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
     outs = llm.generate(prompts, params)
     if backend == "triton":
@@ -170,7 +170,7 @@ def test_graphs_and_eager_agree_on_padded_batches(tmp_path: Path) -> None:
     results = {}
     for eager in (True, False):
         llm = _tiny_llm(tmp_path, num_blocks=512, max_num_seqs=16, enforce_eager=eager)
-        assert (llm.engine.core.runner.graphs is None) == eager
+        assert (llm.engine.core.decode_graphs is None) == eager
         runs = []
         for batch in (prompts[:1], prompts[:3], prompts):
             runs.append([o.outputs[0].token_ids for o in llm.generate(batch, params)])
@@ -243,8 +243,8 @@ def test_pdl_and_async_scheduling_change_no_token(tmp_path: Path, arch: str) -> 
                         for o in outs
                     ]
                 )
-            assert llm.engine.core.runner.graphs is not None
-            assert llm.engine.core.runner.graphs.num_replays > 0
+            assert llm.engine.core.decode_graphs is not None
+            assert llm.engine.core.decode_graphs.num_replays > 0
             llm.engine.check_integrity(expect_idle=True)
             results[(async_scheduling, pdl)] = runs
             del llm
@@ -268,7 +268,7 @@ def test_decode_norms_folded_into_gemms(tmp_path: Path, arch: str) -> None:
     cases = _robust_prompts(hf, 5)
     prompts = [prompt for prompt, _ in cases]
     llm = _tiny_llm(tmp_path, enforce_eager=True)
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.model
     attentions = [m for m in model.modules() if hasattr(m, "fold_prologue")]
     assert attentions
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3)

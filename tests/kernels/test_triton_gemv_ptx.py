@@ -74,7 +74,7 @@ def test_kernels_compile_for_sm90() -> None:
     loads of W, wgmma on the default tile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "baton.kernels.bench_gemv", "--ptx-check"],
+        [sys.executable, "-m", "baton.kernels.bench.gemv", "--ptx-check"],
         env=env,
         capture_output=True,
         text=True,

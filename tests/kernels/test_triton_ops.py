@@ -490,7 +490,7 @@ def test_kernels_compile_for_sm90() -> None:
     """Compile each kernel for sm_90 on this CPU-only machine (Triton ships ptxas)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "baton.kernels.bench_ops", "--ptx-check"],
+        [sys.executable, "-m", "baton.kernels.bench.ops", "--ptx-check"],
         env=env,
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""Registry and Router against a real redis-server process (DESIGN §9: no fakes)."""
+"""Registry and Router against a real redis-server process (docs/design.md §9: no fakes)."""
 
 from __future__ import annotations
 
@@ -255,7 +255,7 @@ def test_no_worker_available_then_on_demand_refresh(url: str) -> None:
 
 
 def test_registration_survives_a_redis_restart() -> None:
-    """Soft state (DESIGN §4): the next heartbeat writes the key into the new server."""
+    """Soft state (docs/design.md §4): the next heartbeat writes the key into the new server."""
     first = RedisServer().start()
     port = first.port
 

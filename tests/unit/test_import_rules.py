@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,7 +17,27 @@ RULES = {
     "router": ("baton.services.engine", "torch"),
     "loadgen": ("baton.services", "baton.router", "baton.kvstore", "torch"),
     "services/engine": ("baton.services.worker", "baton.services.gateway", "baton.router"),
+    # The gateway and the worker meet only on the wire (services/wire.py, baton.v1 messages);
+    # in-process composition of the two lives outside both (services/local_backend.py).
+    "services/gateway": ("baton.services.worker", "baton.services.local_backend", "torch"),
+    "services/worker": ("baton.services.gateway", "baton.services.local_backend"),
 }
+
+# Modules whose whole import graph must stay free of torch: the gateway (a CPU front that must
+# start fast and small), and what it shares with the worker.
+TORCH_FREE = sorted(
+    {
+        "baton.services.wire",
+        "baton.services.engine.sequence_ids",
+        "baton.services.engine.loader",
+        "baton.services.engine.loader.model_info",
+    }
+    | {
+        "baton.services.gateway." + p.stem
+        for p in (ROOT / "services" / "gateway").glob("*.py")
+        if p.stem != "__init__"
+    }
+)
 
 
 def _imports(path: Path) -> set[str]:
@@ -39,7 +62,8 @@ def test_layering() -> None:
 
 
 def test_code_imports_baton_namespace_only() -> None:
-    """Top-level names like `kernels` or `services` are other projects' on PyPI (DESIGN.md)."""
+    """Top-level names like `kernels` or `services` are other projects' on PyPI
+    (docs/design.md, Layout)."""
     own = {"services", "proto", "kvstore", "router", "kernels", "loadgen"}
     bad = []
     for path in ROOT.rglob("*.py"):
@@ -50,3 +74,23 @@ def test_code_imports_baton_namespace_only() -> None:
             if name.split(".")[0] in own:
                 bad.append(f"{rel} imports {name}")
     assert not bad, "\n".join(bad)
+
+
+def test_gateway_and_wire_import_no_torch() -> None:
+    """In a fresh interpreter, import each module in turn; name the first that pulls torch."""
+    check = textwrap.dedent(
+        f"""
+        import importlib, sys
+        for name in {TORCH_FREE!r}:
+            importlib.import_module(name)
+            if "torch" in sys.modules:
+                sys.exit(f"{{name}} imports torch")
+        print("ok", len({TORCH_FREE!r}))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr or res.stdout
+    assert res.stdout.split() == ["ok", str(len(TORCH_FREE))]
+    assert (
+        "baton.services.gateway.main" in TORCH_FREE and "baton.services.gateway.app" in TORCH_FREE
+    )

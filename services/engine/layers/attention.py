@@ -2,37 +2,33 @@
 
 What crosses the runner → model edge for attention is one frozen AttentionMetadata per step;
 layers receive it as an argument (never through a global), together with their own layer's
-slice of the KV cache.
+slice of the KV cache. The metadata carries the engine's attention backend and the plan it
+made for this step; the layer calls the backend and never asks which one it is
+(services/engine/attention/).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic
 
 import torch
 from torch import nn
 
-from baton.kernels.attention_ref import (
-    AttentionPlan,
-    paged_attention,
-    plan_attention,
-    write_kv_cache,
-)
+from baton.services.engine.attention.base import AttentionBackend, PlanT
+from baton.services.engine.attention.torch_ref import TorchAttentionBackend
 
 if TYPE_CHECKING:  # Triton is not a dependency of the CPU install
     from baton.kernels.triton_decode import DecodePrologue
 
-FOLD_PROLOGUE_MAX_ROWS = 4
-"""Decode batches up to this size fold the attention prologue into the decode kernel: on a
-Llama-3.1-8B step on an H100 -0.053 ms at 1 row, -0.040 at 4, but +0.16 at 16 (docs/perf.md),
-where every split program's own q rotation and larger shared memory cost more than the launch
-they save."""
+
+def _reference_backend() -> AttentionBackend[Any]:
+    return TorchAttentionBackend()
 
 
 @dataclass(frozen=True)
-class AttentionMetadata:
+class AttentionMetadata(Generic[PlanT]):
     """Where this step's tokens go in the paged KV cache and what each sequence attends to.
 
     Packed layout: sequence s owns token rows query_start_loc[s]:query_start_loc[s+1].
@@ -48,42 +44,26 @@ class AttentionMetadata:
     """num_seqs + 1 offsets of each sequence's new tokens in the packed batch."""
     block_size: int
     """Tokens per KV block."""
-    num_kv_heads: int = 0
-    """KV heads per layer (the CUDA kernels' planner needs it; the CPU path does not)."""
-    device_plan: Any = None
-    """CUDA: a prebuilt plan — TritonAttentionMetadata (e.g. over a CUDA graph's static
-    buffers) or, with backend "flashinfer", a FlashInferPlan; None = Triton, planned from the
-    lists above on first use."""
-    backend: str = "triton"
-    """CUDA kernels: "triton" or "flashinfer" (the CPU path ignores it)."""
-
-    @property
-    def static_inputs(self) -> bool:
-        """Whether slot_mapping, positions and the device plan's tables are buffers filled before
-        the step's first kernel (a CUDA graph's), which kernels may read early under PDL."""
-        return bool(getattr(self.device_plan, "static_inputs", False))
+    backend: AttentionBackend[PlanT] = field(default_factory=_reference_backend)
+    """The engine's attention backend (the torch reference for metadata built by hand)."""
+    planned: PlanT | None = None
+    """This step's plan, when the caller made it: the runner, once per step, and CUDA graphs
+    over their static buffers. None: `plan` makes it from the fields above on first use."""
 
     @cached_property
-    def plan(self) -> AttentionPlan:
-        """The kernel's index work for this step: built by the first layer, reused by the rest."""
-        return plan_attention(
+    def plan(self) -> PlanT:
+        """The backend's plan for this step: made at most once, shared by every layer."""
+        if self.planned is not None:
+            return self.planned
+        return self.backend.plan(
             self.block_tables, self.seq_lens, self.query_start_loc, self.block_size
         )
 
     @cached_property
-    def triton_plan(self) -> Any:
-        """The Triton kernels' device-side index tensors (CUDA), built once per step."""
-        if self.device_plan is not None:
-            return self.device_plan
-        from baton.kernels.triton_attention import plan_attention as plan_triton
-
-        return plan_triton(
-            self.block_tables,
-            self.seq_lens,
-            self.query_start_loc,
-            self.block_size,
-            self.num_kv_heads,
-        )
+    def static_inputs(self) -> bool:
+        """Whether slot_mapping, positions and the plan's tables are buffers filled before the
+        step's first kernel (a CUDA graph's), which kernels may read early under PDL."""
+        return self.backend.static_inputs(self.plan)
 
     @property
     def num_seqs(self) -> int:
@@ -118,41 +98,19 @@ class Attention(nn.Module):
         wrote k and v into the cache (a fused prologue kernel)."""
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        if q.is_cuda:
-            # One engine, two devices: the CUDA path dispatches to the Triton kernels (imported
-            # lazily: Triton is not a dependency of the CPU install).
-            from baton.kernels.triton_ops import write_kv_cache as triton_write_kv_cache
-
-            if not kv_written:
-                triton_write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-            if meta.backend == "flashinfer":
-                from baton.kernels.flashinfer_attention import flashinfer_paged_attention
-
-                out = flashinfer_paged_attention(q, k_cache, v_cache, meta.device_plan, self.scale)
-            else:
-                from baton.kernels.triton_attention import triton_paged_attention
-
-                out = triton_paged_attention(q, k_cache, v_cache, meta.triton_plan, self.scale)
-        else:
-            if not kv_written:
-                write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-            out = paged_attention(q, k_cache, v_cache, meta.plan, self.scale)
+        backend = meta.backend
+        if not kv_written:
+            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+            backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = backend.forward(q, k_cache, v_cache, meta.plan, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def can_fold_prologue(self, meta: AttentionMetadata) -> bool:
-        """Whether this CUDA step's decode kernel should do the attention prologue itself
-        (forward_folded): Triton backend, a pure decode batch in row order of at most
-        FOLD_PROLOGUE_MAX_ROWS sequences, and a power-of-two head_dim."""
-        if meta.backend != "triton" or self.head_dim & (self.head_dim - 1):
-            return False
-        plan = meta.triton_plan
-        return bool(
-            plan.num_decodes == plan.num_tokens <= FOLD_PROLOGUE_MAX_ROWS
-            and plan.decode_rows is None
-        )
+        """Whether this step's decode kernel should do the attention prologue itself
+        (forward_folded): the backend's call (attention/triton.py: small pure-decode steps)."""
+        return meta.backend.can_fold_prologue(meta.plan)
 
     def forward_folded(
         self,
@@ -164,18 +122,7 @@ class Attention(nn.Module):
         """Decode attention with the prologue folded in (can_fold_prologue must hold): q
         [B, heads, head_dim] and the prologue's k are unrotated, and the step's K/V are not in
         the cache yet (triton_decode.DecodePrologue) → [B, heads*head_dim]."""
-        from baton.kernels.triton_decode import paged_decode_attention
-
-        plan = meta.triton_plan
-        out = paged_decode_attention(
-            q,
-            kv_cache[0],
-            kv_cache[1],
-            plan.decode_block_tables,
-            plan.decode_seq_lens,
-            self.scale,
-            plan.num_splits,
-            preload=plan.static_inputs,
-            prologue=prologue,
+        out = meta.backend.forward_folded(
+            q, kv_cache[0], kv_cache[1], meta.plan, self.scale, prologue
         )
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

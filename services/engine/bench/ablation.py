@@ -1,15 +1,14 @@
 """Where a batch-1 decode step's time goes: the decode graph replayed with one stage left out.
 
-    python -m baton.services.engine.bench_ablation [--model llama-3.1-8b] [--batches 1 4 16]
+    python -m baton.services.engine.bench.ablation [--model llama-3.1-8b] [--batches 1 4 16]
 
 Captures the engine's decode CUDA graphs (random-weight model from its real config, bf16, 1k
-context, max_model_len as bench_gpu) once per variant and times their replay. A variant swaps
+context, max_model_len as bench.gpu) once per variant and times their replay. A variant swaps
 one stage for a no-op (the norms, the attention prologue, the attention itself), or turns off
 one optimisation (norms folded into the GEMMs, the prologue folded into the decode kernel, the
-graph-buffer fast paths), so each row's
-difference to "full" is what that stage or optimisation costs or buys. Outputs of the ablated
-graphs are meaningless; only their time is read. Prints a table and writes bench_ablation.json
-to $OUT (or bench_out/). Without CUDA it says so and exits 0.
+graph-buffer fast paths), so each row's difference to "full" is what that stage or optimisation
+costs or buys. Outputs of the ablated graphs are meaningless; only their time is read. Prints a
+table and writes bench_ablation.json to $OUT (or bench_out/). Without CUDA it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -18,16 +17,22 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import statistics
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from baton.services.engine.bench.common import (
+    build_engine,
+    copy_bandwidth,
+    out_dir,
+    weight_bytes_per_step,
+)
+from baton.services.engine.cuda_graphs import DecodeBatch, DecodeGraphs
+
 CONTEXT = 1024
-MAX_LEN = 8256  # bench_gpu's engine: it sets the graphs' split-KV count
+MAX_LEN = 8256  # bench.gpu's engine: it sets the graphs' split-KV count
 
 
 @contextlib.contextmanager
@@ -91,26 +96,30 @@ def _variants(model: Any) -> dict[str, Callable[[], contextlib.AbstractContextMa
     }
 
 
-def _time_buckets(graphs: Any, batches: list[int]) -> dict[int, float]:
-    """Median ms per replay of each bucket, 8 back-to-back replays per sample."""
+def _time_buckets(graphs: DecodeGraphs, batches: list[int]) -> dict[int, float]:
+    """Median ms per replay of each batch's bucket, 8 back-to-back replays per sample."""
     out = {}
     for b in batches:
         blocks = CONTEXT // graphs.block_size
-        graphs._ints[0, :b] = 100
-        graphs._ints[1, :b] = CONTEXT - 1
-        graphs._ints[2, :b] = -1  # write no KV
-        graphs._ints[3, :b] = CONTEXT
-        ids = torch.arange(b * blocks, dtype=torch.int32, device=graphs._tables.device)
-        graphs._tables[:b, :blocks] = ids.view(b, blocks)
+        step = DecodeBatch(
+            input_ids=[100] * b,
+            positions=[CONTEXT - 1] * b,
+            slots=[-1] * b,  # write no KV
+            seq_lens=[CONTEXT] * b,
+            block_tables=[list(range(i * blocks, (i + 1) * blocks)) for i in range(b)],
+        )
+        graphs.run(step)  # fills the graphs' static buffers; replays below reuse them
+        bucket = graphs.bucket_for(b)
+        assert bucket is not None
         for _ in range(3):
-            graphs.replay(b)
+            graphs.replay(bucket)
         samples = []
         for _ in range(15):
             start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             start.record()
             for _ in range(8):
-                graphs.replay(b)
+                graphs.replay(bucket)
             end.record()
             end.synchronize()
             samples.append(float(start.elapsed_time(end)) / 8)
@@ -124,23 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_ablation: no CUDA device, nothing to measure")
+        print("engine.bench.ablation: no CUDA device, nothing to measure")
         return 0
-    from baton.services.engine.bench_gpu import _engine, _weight_bytes_per_step, copy_bandwidth
-    from baton.services.engine.cuda_graphs import DecodeGraphs
-
-    engine = _engine(args.model, max(args.batches), MAX_LEN)
-    runner = engine.core.runner
-    model, kv_cache = runner.model, runner.kv_cache
-    runner.graphs = None  # each variant captures its own
+    engine = build_engine(args.model, max(args.batches), MAX_LEN)
+    core = engine.core
+    model, kv_cache = core.model, core.kv_cache()
+    core.release_decode_graphs()  # each variant captures its own
     gc.collect()
     torch.cuda.empty_cache()
-    ideal_ms = _weight_bytes_per_step(engine) / copy_bandwidth() * 1e3
+    ideal_ms = weight_bytes_per_step(engine) / copy_bandwidth() * 1e3
     rows: list[dict[str, Any]] = []
     for name, variant in _variants(model).items():
         with variant():
             graphs = DecodeGraphs(
-                model, kv_cache, block_size=16, max_batch=max(args.batches), max_model_len=MAX_LEN
+                model,
+                kv_cache,
+                block_size=core.block_size,
+                max_batch=max(args.batches),
+                max_model_len=core.max_model_len,
             )
             graphs.capture()
             ms = _time_buckets(graphs, args.batches)
@@ -157,13 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         cells = "".join(f"{r['ms'][b]:>10.3f}{r['ms'][b] - full[b]:>+8.3f}" for b in args.batches)
         print(f"{r['variant']:<36}{cells}")
-    out_dir = Path(os.environ.get("OUT") or "bench_out")
-    out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "model": args.model}
     result["context"] = CONTEXT
     result |= {"weights_ms": ideal_ms, "rows": rows}
-    (out_dir / "bench_ablation.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out_dir / 'bench_ablation.json'}")
+    path = out_dir() / "bench_ablation.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
     return 0
 
 

@@ -1,34 +1,39 @@
-"""A Backend that runs the engine in this process: tests and single-process serving.
+"""A gateway Backend that runs the engine in this process: tests and single-process serving.
 
-It speaks the same baton.v1 messages as the gRPC backend, so the gateway cannot tell the two
-apart: GenerateRequest in (through convert.py's params_from_pb, the workers' own conversion),
-GenerateResponse out (delta_to_pb), with the first message carrying the prompt's token count,
-its prefix-cache hit and the TTFT split.
+It composes the gateway's Backend contract with the engine, so it lives in neither: the gateway
+imports no engine runtime (no torch), the worker knows nothing of the gateway. It speaks the
+same baton.v1 messages as the gRPC backend, so the gateway cannot tell the two apart:
+GenerateRequest in (wire.params_from_pb, the workers' own conversion), GenerateResponse out
+(wire.delta_to_pb), with the first message carrying the prompt's token count, its prefix-cache
+hit and the TTFT split.
+
+`python -m baton.services.local_backend` serves one model over HTTP this way, with no Redis,
+router or workers.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import fields
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
+
+import uvicorn
 
 from baton.proto import worker_pb2 as pb
 from baton.services.engine.async_engine import AsyncEngine
-from baton.services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from baton.services.engine.config import EngineConfig
 from baton.services.engine.engine_core import EngineCore
 from baton.services.engine.llm_engine import LLMEngine
 from baton.services.engine.step_io import EngineCoreOutput
 from baton.services.engine.tokenizer import Tokenizer
+from baton.services.gateway.app import build_app
 from baton.services.gateway.backend import Backend, BackendError, InvalidRequest
-from baton.services.worker.convert import delta_to_pb, params_from_pb
+from baton.services.gateway.main import api_keys_from_env
+from baton.services.wire import delta_to_pb, params_from_pb
 
 T = TypeVar("T")
-
-_CACHE_FIELDS = {f.name for f in fields(CacheConfig)}
-_SCHED_FIELDS = {f.name for f in fields(SchedulerConfig)}
-_ENGINE_FIELDS = {f.name for f in fields(EngineConfig)} - {"cache", "scheduler"}
 
 
 class LocalBackend(Backend):
@@ -47,16 +52,7 @@ class LocalBackend(Backend):
     @classmethod
     def create(cls, model: str = "smollm2", dtype: str = "float32", **kwargs: Any) -> LocalBackend:
         """Build the engine from the fields of EngineConfig, CacheConfig and SchedulerConfig."""
-        unknown = set(kwargs) - _CACHE_FIELDS - _SCHED_FIELDS - _ENGINE_FIELDS
-        if unknown:
-            raise TypeError(f"unknown engine arguments: {sorted(unknown)}")
-        config = EngineConfig(
-            model=model,
-            dtype=dtype,
-            cache=CacheConfig(**{k: v for k, v in kwargs.items() if k in _CACHE_FIELDS}),
-            scheduler=SchedulerConfig(**{k: v for k, v in kwargs.items() if k in _SCHED_FIELDS}),
-            **{k: v for k, v in kwargs.items() if k in _ENGINE_FIELDS},
-        )
+        config = EngineConfig.from_kwargs(model=model, dtype=dtype, **kwargs)
         return cls(LLMEngine.from_config(config))
 
     @property
@@ -175,3 +171,28 @@ async def _aclose(stream: AsyncIterator[Any]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve one model from an in-process engine: python -m baton.services.local_backend."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted Bearer key (repeatable; also $BATON_API_KEYS, comma-separated)",
+    )
+    args = parser.parse_args(argv)
+    keys = [*args.api_key, *api_keys_from_env()]
+    backend = LocalBackend.create(args.model, args.dtype, max_model_len=args.max_model_len)
+    app = build_app(backend, backend.tokenizer, backend.model_id, backend.max_model_len, keys)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,8 @@
 """Weight-streaming bandwidth of skinny_linear (triton_gemv.py) vs F.linear (cuBLAS) at decode M.
 
-    python -m baton.kernels.bench_gemv               # GPU: sweep, table + JSON ($OUT or bench_out/)
-    python -m baton.kernels.bench_gemv --no-sweep    # GPU: F.linear vs the default config only
-    python -m baton.kernels.bench_gemv --ptx-check   # any machine: compile for sm_90, read the PTX
+    python -m baton.kernels.bench.gemv               # GPU: sweep, table + JSON ($OUT or bench_out/)
+    python -m baton.kernels.bench.gemv --no-sweep    # GPU: F.linear vs the default config only
+    python -m baton.kernels.bench.gemv --ptx-check   # any machine: compile for sm_90, read the PTX
 
 For M in {1, 8, 16} and the projections of Llama-3.1-8B and Qwen3-8B (bf16), each case times
 F.linear, the default config and a handful of alternatives (tile shape, pipeline depth, split-K,
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ptx_check:
         return _ptx_check()
     if not torch.cuda.is_available():
-        print("bench_gemv: no CUDA device, nothing to time (try --ptx-check)")
+        print("kernels.bench.gemv: no CUDA device, nothing to time (try --ptx-check)")
         return 0
     t0 = time.perf_counter()
     copy_gbps, read_gbps = _reference_gbps(args.rep_ms)

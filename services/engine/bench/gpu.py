@@ -1,6 +1,6 @@
 """The single-GPU benchmark: the engine against the device's own measured limits, in one run.
 
-    python -m baton.services.engine.bench_gpu [--models llama-3.1-8b qwen3-8b] [--quick]
+    python -m baton.services.engine.bench.gpu [--models llama-3.1-8b qwen3-8b] [--batches 16 64 256]
 
 Measures, on random-weight models built from real configs (dummy:<name>), bf16:
   device      copy bandwidth (read + write bytes of a 2 GiB copy) and the bf16 matmul peak
@@ -23,51 +23,25 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from baton.services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from baton.services.engine.bench.common import (
+    DECODE_CONTEXT,
+    DecodeDriver,
+    build_engine,
+    copy_bandwidth,
+    cuda_ms,
+    kv_bytes_per_token,
+    out_dir,
+    random_prompts,
+    weight_bytes_per_step,
+)
 from baton.services.engine.llm_engine import LLMEngine
-from baton.services.engine.runner import kv_bytes_per_block
 from baton.services.engine.sampling_params import SamplingParams
-
-GiB = 1024**3
-DECODE_CONTEXT = 1024
-
-
-def _cuda_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> float:
-    """Median milliseconds of fn over iters runs, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(float(start.elapsed_time(end)))
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy, counting the read and the write."""
-    n = 2 * GiB // 2
-    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-
-    def copy() -> None:
-        dst.copy_(src)
-
-    ms = _cuda_ms(copy, iters=20)
-    return 2 * n * 2 / (ms / 1e3)
 
 
 def matmul_peak() -> tuple[float, dict[str, float]]:
@@ -82,37 +56,9 @@ def matmul_peak() -> tuple[float, dict[str, float]]:
         def gemm(a: torch.Tensor = a, b: torch.Tensor = b) -> None:
             torch.nn.functional.linear(a, b)
 
-        ms = _cuda_ms(gemm, iters=20)
+        ms = cuda_ms(gemm, iters=20)
         results[name] = 2 * m * k * n / (ms / 1e3) / 1e12
     return max(results.values()) * 1e12, results
-
-
-def _engine(model: str, max_num_seqs: int, max_len: int, **options: Any) -> LLMEngine:
-    """options: EngineConfig fields (async_scheduling, pdl) for the variants."""
-    config = EngineConfig(
-        model=f"dummy:{model}",
-        dtype="bfloat16",
-        device="cuda",
-        max_model_len=max_len,
-        cache=CacheConfig(block_size=16, enable_prefix_caching=False),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=8192),
-        **options,
-    )
-    return LLMEngine.from_config(config)
-
-
-def _weight_bytes_per_step(engine: LLMEngine) -> int:
-    """Bytes a decode step must read: every parameter but the embedding table (one row)."""
-    model = engine.core.runner.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    table = model.get_parameter("model.embed_tokens.weight")
-    tied = engine.arch.tie_word_embeddings
-    return total if tied else total - table.numel() * table.element_size()
-
-
-def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, vocab - 10, (batch, length), generator=g).tolist()
 
 
 def decode(engine: LLMEngine, batch: int, new_tokens: int, seed: int) -> dict[str, float]:
@@ -124,7 +70,7 @@ def decode(engine: LLMEngine, batch: int, new_tokens: int, seed: int) -> dict[st
     Every timed step must be one graph replay of the full batch. Then the graph alone is timed
     on the last step's buffers (a replay rewrites the same KV slots with the same values).
     """
-    graphs = engine.core.runner.graphs
+    graphs = engine.core.decode_graphs
     assert graphs is not None
     bucket = graphs.bucket_for(batch)
     assert bucket is not None
@@ -132,31 +78,22 @@ def decode(engine: LLMEngine, batch: int, new_tokens: int, seed: int) -> dict[st
     params = SamplingParams(
         temperature=0, max_tokens=new_tokens + warmup + 8 + batch, ignore_eos=True
     )
-    ids = [
-        engine.add_request(prompt, params)
-        for prompt in _prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, seed)
-    ]
-    scheduler = engine.core.scheduler
-    while not (
-        len(scheduler.running) == batch
-        and all(r.num_computed_tokens >= r.num_prompt_tokens for r in scheduler.running)
-    ):
-        engine.step()
+    prompts = random_prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, seed)
+    driver = DecodeDriver(engine, prompts, params)
+    driver.step_until_decoding()
     for _ in range(warmup):
-        engine.step()
+        driver.step()
     torch.cuda.synchronize()
     replays = graphs.num_replays
     start = time.perf_counter()
     for _ in range(new_tokens):
-        engine.step()
+        driver.step()
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / new_tokens
     assert graphs.num_replays - replays == new_tokens, "a timed step was not a full graph step"
-    context = scheduler.running[0].num_tokens
-    replay_ms = _cuda_ms(lambda: graphs.replay(bucket), iters=20)
-    engine.abort_request(ids)
-    while engine.core.has_unfinished():
-        engine.core.step()
+    context = driver.context_len
+    replay_ms = cuda_ms(lambda: graphs.replay(bucket), iters=20)
+    driver.abort()
     return {
         "batch": batch,
         "context": context - new_tokens // 2,
@@ -175,9 +112,9 @@ def decode_variants(model: str, bandwidth: float, weights: int) -> list[dict[str
         "sync, no PDL": {"async_scheduling": False, "pdl": False},
     }
     for name, options in variants.items():
-        engine = _engine(model, 1, 2048, **options)
+        engine = build_engine(model, 1, 2048, **options)
         r: dict[str, Any] = dict(decode(engine, 1, new_tokens=128, seed=7))
-        kv = r["context"] * kv_bytes_per_block(engine.arch, 1, torch.bfloat16)
+        kv = r["context"] * kv_bytes_per_token(engine)
         r["variant"] = name
         r["bound_tok_s"] = bandwidth / (weights + kv)
         r["fraction"] = r["tok_s"] / r["bound_tok_s"]
@@ -193,7 +130,7 @@ def gemm_only_ms(engine: LLMEngine, batch: int) -> float:
     """One decode step's projections and LM head alone (a CUDA graph of just them)."""
     from baton.services.engine.layers.linear import Linear
 
-    model = engine.core.runner.model
+    model = engine.core.model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     inputs = [
         torch.randn(batch, m.in_features, dtype=torch.bfloat16, device="cuda") for m in linears
@@ -212,7 +149,7 @@ def gemm_only_ms(engine: LLMEngine, batch: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    return _cuda_ms(graph.replay, iters=30)
+    return cuda_ms(graph.replay, iters=30)
 
 
 def prefill(engine: LLMEngine, length: int, peak: float) -> dict[str, float]:
@@ -221,14 +158,14 @@ def prefill(engine: LLMEngine, length: int, peak: float) -> dict[str, float]:
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     times = []
     for seed in range(4):
-        engine.add_request(_prompts(1, length, arch.vocab_size, 100 + seed)[0], params)
+        engine.add_request(random_prompts(1, length, arch.vocab_size, 100 + seed)[0], params)
         torch.cuda.synchronize()
         start = time.perf_counter()
         while engine.has_unfinished_requests():
             engine.step()
         times.append(time.perf_counter() - start)
     seconds = min(times[1:])  # the first run compiles this shape's kernels
-    model = engine.core.runner.model
+    model = engine.core.model
     layer_params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
     head = arch.vocab_size * arch.hidden_size  # the LM head runs on the last token only
     attention = 2 * 2 * (length * (length + 1) // 2) * arch.num_heads * arch.head_dim
@@ -251,10 +188,9 @@ def bench_model(
     variants: bool = False,
 ) -> dict[str, Any]:
     max_batch = max([1, *batches])
-    engine = _engine(model, max_batch, max([8192, *prefills]) + 64)
-    arch = engine.arch
-    weights = _weight_bytes_per_step(engine)
-    kv_per_token = kv_bytes_per_block(arch, 1, torch.bfloat16)
+    engine = build_engine(model, max_batch, max([8192, *prefills]) + 64)
+    weights = weight_bytes_per_step(engine)
+    kv_per_token = kv_bytes_per_token(engine)
     out: dict[str, Any] = {"model": model, "weight_bytes": weights, "decode": []}
     for i, batch in enumerate([1, *batches]):
         r = decode(engine, batch, new_tokens=128 if batch == 1 else 32, seed=i)
@@ -284,12 +220,10 @@ def profile_host(model: str, batch: int) -> None:
     import cProfile
     import pstats
 
-    engine = _engine(model, batch, 2048)
+    engine = build_engine(model, batch, 2048)
     params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
-    for prompt in _prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, 0):
-        engine.add_request(prompt, params)
-    while engine.core.last_num_scheduled_tokens != batch:
-        engine.step()
+    prompts = random_prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, 0)
+    DecodeDriver(engine, prompts, params).step_until_decoding()
     for _ in range(5):
         engine.step()
     profiler = cProfile.Profile()
@@ -306,17 +240,17 @@ def profile_kernels(model: str, batch: int, pdl: bool, replays: int = 10) -> Non
     kernel's time includes its wait for the one before: profile without it for durations."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = _engine(model, batch, 8192 + 64, pdl=pdl)  # as bench_model builds it
-    graphs = engine.core.runner.graphs
+    engine = build_engine(model, batch, 8192 + 64, pdl=pdl)  # as bench_model builds it
+    graphs = engine.core.decode_graphs
     assert graphs is not None
     bucket = graphs.bucket_for(batch)
     assert bucket is not None
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    for prompt in _prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, 0):
-        engine.add_request(prompt, params)
-    for _ in range(8):
+    prompts = random_prompts(batch, DECODE_CONTEXT, engine.arch.vocab_size, 0)
+    DecodeDriver(engine, prompts, params).step_until_decoding()
+    for _ in range(4):
         engine.step()
-    wall_ms = _cuda_ms(lambda: graphs.replay(bucket), iters=20)
+    wall_ms = cuda_ms(lambda: graphs.replay(bucket), iters=20)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             graphs.replay(bucket)
@@ -361,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device, nothing to measure")
+        print("engine.bench.gpu: no CUDA device, nothing to measure")
         return 0
     if args.profile_kernels:
         for pdl in (False, True):
@@ -382,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     attention: list[dict[str, Any]] = []
     if not args.skip_attention:
-        from baton.kernels.bench_attention import bench_one
+        from baton.kernels.bench.attention import bench_one
 
         for context in args.contexts:
             attention += bench_one(8, context, torch.bfloat16)
@@ -396,10 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         "attention": attention,
     }
     _print_table(result)
-    out_dir = Path(os.environ.get("OUT") or "bench_out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_gpu.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out_dir / 'bench_gpu.json'}")
+    path = out_dir() / "bench_gpu.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
     return 0
 
 

@@ -1,8 +1,8 @@
 """What a decode step spends outside its CUDA graph: the GPU timeline between two replays.
 
-    python -m baton.services.engine.bench_step_timeline [--model llama-3.1-8b] [--batch 1]
+    python -m baton.services.engine.bench.step_timeline [--model llama-3.1-8b] [--batch 1]
 
-Runs the engine as bench_gpu does (random-weight model from its real config, bf16, 1k context,
+Runs the engine as bench.gpu does (random-weight model from its real config, bf16, 1k context,
 CUDA graphs, async scheduling), records 20 steady decode steps with torch.profiler (CUPTI: the
 graph's kernels, copies and the sampler's kernels), and cuts the timeline at each graph's first
 kernel. Per step: the span from one graph's first kernel to the next, the graph's own span
@@ -16,12 +16,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from baton.services.engine.bench.common import (
+    DECODE_CONTEXT,
+    DecodeDriver,
+    build_engine,
+    out_dir,
+    random_prompts,
+)
+from baton.services.engine.sampling_params import SamplingParams
 
 STEPS = 20
 
@@ -42,22 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_step_timeline: no CUDA device, nothing to measure")
+        print("engine.bench.step_timeline: no CUDA device, nothing to measure")
         return 0
     from torch.profiler import ProfilerActivity, profile
 
-    from baton.services.engine.bench_gpu import DECODE_CONTEXT, _engine, _prompts
-    from baton.services.engine.sampling_params import SamplingParams
-
-    engine = _engine(args.model, args.batch, 8192 + 64)
-    graphs = engine.core.runner.graphs
+    engine = build_engine(args.model, args.batch, 8192 + 64)
+    graphs = engine.core.decode_graphs
     assert graphs is not None
     bucket = graphs.bucket_for(args.batch)
     assert bucket is not None
     params = SamplingParams(temperature=0, max_tokens=STEPS + 64, ignore_eos=True)
-    for prompt in _prompts(args.batch, DECODE_CONTEXT, engine.arch.vocab_size, 0):
-        engine.add_request(prompt, params)
-    for _ in range(12):
+    prompts = random_prompts(args.batch, DECODE_CONTEXT, engine.arch.vocab_size, 0)
+    DecodeDriver(engine, prompts, params).step_until_decoding()
+    for _ in range(8):
         engine.step()
     torch.cuda.synchronize()
 
@@ -121,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'operation':<60}{'at us':>8}{'us':>8}")
     for r in rows:
         print(f"  {r['op'][:59]:<60}{r['offset_us']:>8.1f}{r['us']:>8.1f}")
-    out_dir = Path(os.environ.get("OUT") or "bench_out")
-    out_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "device": torch.cuda.get_device_name(),
         "model": args.model,
@@ -132,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         "graph_alone_us": graph_us,
         "between_graphs": rows,
     }
-    (out_dir / "bench_step_timeline.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out_dir / 'bench_step_timeline.json'}")
+    path = out_dir() / "bench_step_timeline.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
     return 0
 
 

@@ -2,9 +2,11 @@
 
     python -m baton.services.engine.bench [--num-prompts 16] [--new-tokens 64] [--dtypes float32]
 
-Both sides get the same chat-templated prompts, greedy decoding and exactly --new-tokens output
-tokens per prompt (EOS ignored), all requests submitted at once; each side runs once to warm up,
-then --repeats timed runs (best kept). Prints a table and writes JSON (--out).
+`python -m baton.services.engine.bench.throughput` is the same. Both sides run on the CPU
+(LLM's default device) and get the same chat-templated prompts, greedy decoding and exactly
+--new-tokens output tokens per prompt (EOS ignored), all requests submitted at once; each side
+runs once to warm up, then --repeats timed runs (best kept). Prints a table and writes JSON
+(--out).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def bench_baton(llm: LLM, prompts: list[list[int]], new_tokens: int, repeats: in
     llm.generate(prompts, params)  # warm-up (also fills the prefix cache: reset it below)
     best = float("inf")
     for _ in range(repeats):
-        llm.engine.core.kv.pool.reset_prefix_cache()
+        llm.engine.core.reset_prefix_cache()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params)
         best = min(best, time.perf_counter() - t0)
@@ -107,14 +109,18 @@ def bench_transformers(
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m baton.services.engine.bench",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="bench_out/engine_bench.json")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     rows: list[Row] = []
     total = a.num_prompts * a.new_tokens
     for name in a.dtypes.split(","):
@@ -145,7 +151,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": [asdict(r) for r in rows], "ratios": ratios}, indent=2))
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Bandwidth of the Triton ops in triton_ops.py vs torch eager (the references), on one GPU.
 
-    python -m baton.kernels.bench_ops              # GPU: table + JSON ($OUT or bench_out/)
-    python -m baton.kernels.bench_ops --ptx-check  # any machine: compile for sm_90, read the PTX
+    python -m baton.kernels.bench.ops              # GPU: table + JSON ($OUT or bench_out/)
+    python -m baton.kernels.bench.ops --ptx-check  # any machine: compile for sm_90, read the PTX
 
 Every op is memory-bound, so the figure of merit is the fewest bytes it must move (each input read
 once, each output written once) over the do_bench median, next to a device-to-device copy's rate
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ptx_check:
         return _ptx_check()
     if not torch.cuda.is_available():
-        print("bench_ops: no CUDA device, nothing to time (try --ptx-check)")
+        print("kernels.bench.ops: no CUDA device, nothing to time (try --ptx-check)")
         return 0
     rows = _bench()
     out_dir = Path(os.environ.get("OUT") or "bench_out")

@@ -1,6 +1,6 @@
 """Decode-attention bandwidth on a GPU: Triton split-KV vs torch SDPA vs FlashInfer (if present).
 
-    python -m baton.kernels.bench_attention [--batch 8] [--contexts 4096 32768]
+    python -m baton.kernels.bench.attention [--batch 8] [--contexts 4096 32768]
 
 Shape: Llama-3-8B-like (32 query heads, 8 KV heads, head_dim 128), bf16, block size 16,
 shuffled block tables. Bandwidth counts the bytes the kernel must read at least: every context
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_attention: no CUDA device, nothing to measure")
+        print("kernels.bench.attention: no CUDA device, nothing to measure")
         return 0
     rows: list[dict[str, Any]] = []
     for context in args.contexts:

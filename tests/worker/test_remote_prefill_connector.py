@@ -1,0 +1,162 @@
+"""The remote-prefill KV connector's scheduler side inside a real Scheduler (fake runner outputs).
+
+Decode owns the destination (docs/design.md §2): the decode side admits, matches its prefix
+cache, allocates every prompt block and waits for the load; the prefill side holds a finished
+prompt's blocks until the connector reports them sent.
+"""
+
+from __future__ import annotations
+
+from baton.proto import worker_pb2 as pb
+from baton.services.engine.kv_connector import FinishedLoad, KVConnectorOutput
+from baton.services.engine.request import Request, RequestStatus
+from baton.services.engine.scheduler import Scheduler
+from baton.services.worker.connectors.remote_prefill import (
+    PullFromPrefill,
+    RemotePrefillConfig,
+    RemotePrefillConnector,
+    RemotePrefillMetadata,
+    SendToDecode,
+)
+from tests.engine.test_scheduler import FakeRunner, make, req, run_to_end, step
+
+SOURCE = PullFromPrefill("127.0.0.1:1", pb.SamplingParams(max_tokens=3))
+
+
+def with_connector(min_tokens: int = 8, **kw: object) -> tuple[Scheduler, RemotePrefillConnector]:
+    connector = RemotePrefillConnector(RemotePrefillConfig("d0", min_tokens=min_tokens))
+    s = make(**kw)  # type: ignore[arg-type]
+    s.connector = connector
+    return s, connector
+
+
+def remote(rid: str, prompt_len: int, **kw: object) -> Request:
+    r = req(rid, prompt_len, **kw)  # type: ignore[arg-type]
+    r.kv_transfer = SOURCE
+    return r
+
+
+def loads_of(out: object) -> list[object]:
+    meta = getattr(out, "kv_connector_metadata", None)
+    return list(meta.loads) if isinstance(meta, RemotePrefillMetadata) else []
+
+
+def landed(rid: str, first_token: int | None = None, ok: bool = True) -> KVConnectorOutput:
+    return KVConnectorOutput(finished_loads=(FinishedLoad(rid, ok, first_token),))
+
+
+def test_remote_prefill_allocates_the_prompt_and_waits_for_kv() -> None:
+    s, _ = with_connector()
+    r = FakeRunner(s)
+    s.add_request(remote("d", 22, max_tokens=3))
+    out = step(s, r)
+    assert out.num_scheduled_tokens == {}  # nothing computed locally
+    (load,) = loads_of(out)
+    assert load.request_id == "d" and load.num_cached_tokens == 0  # type: ignore[attr-defined]
+    assert len(load.block_ids) == 6  # type: ignore[attr-defined]  # ceil(22 / 4): partial too
+    assert s.requests["d"].status is RequestStatus.WAITING_FOR_KV
+    (first,) = s.update_from_connector(landed("d", 42))
+    assert first.new_token_ids == (42,)
+    out = step(s, r)
+    # the runner sees it for the first time, with the prompt already computed
+    (new,) = out.new_requests
+    assert new.num_computed_tokens == 22 and new.token_ids[-1] == 42
+    assert out.num_scheduled_tokens == {"d": 1}
+    run_to_end(s, r)
+
+
+def test_conditional_disaggregation_prefills_short_or_cached_prompts_locally() -> None:
+    s, _ = with_connector(min_tokens=8)
+    r = FakeRunner(s)
+    s.add_request(remote("short", 5))
+    out = step(s, r)
+    assert out.num_scheduled_tokens == {"short": 5} and not loads_of(out)
+    run_to_end(s, r)
+    s.add_request(req("warm", 21, max_tokens=1))
+    run_to_end(s, r)
+    s.add_request(remote("hit", 21))  # 20 of 21 tokens are cached
+    out = step(s, r)
+    assert out.num_scheduled_tokens == {"hit": 1} and not loads_of(out)
+    run_to_end(s, r)
+
+
+def test_remote_prefill_skips_the_locally_cached_prefix() -> None:
+    s, _ = with_connector()
+    r = FakeRunner(s)
+    s.add_request(req("warm", 12, max_tokens=1))
+    run_to_end(s, r)
+    s.add_request(remote("d", 40))  # shares the first 12 tokens (3 blocks)
+    (load,) = loads_of(step(s, r))
+    assert load.num_cached_tokens == 12  # type: ignore[attr-defined]  # the warm prompt's blocks
+    assert s.update_from_connector(landed("d", 9))
+    run_to_end(s, r)
+
+
+def test_abort_while_awaiting_kv_keeps_blocks_until_the_transfer_ends() -> None:
+    s, _ = with_connector(num_blocks=8)
+    r = FakeRunner(s)
+    s.add_request(remote("d", 20))
+    step(s, r)
+    s.finish_requests(["d"], RequestStatus.FINISHED_ABORTED)
+    assert s.kv.pool.num_free_blocks == 3  # 5 blocks still held: a transfer may be writing
+    assert s.has_pending_transfers
+    assert s.update_from_connector(landed("d", 1)) == []
+    assert not s.has_pending_transfers
+    s.kv.check_integrity(expect_idle=True)
+    # the same through a failed prefill
+    s.add_request(remote("e", 20))
+    step(s, r)
+    s.finish_requests(["e"], RequestStatus.FINISHED_ABORTED)
+    s.update_from_connector(landed("e", ok=False))
+    s.kv.check_integrity(expect_idle=True)
+
+
+def test_failed_remote_prefill_falls_back_to_local_and_is_not_retried() -> None:
+    s, connector = with_connector()
+    r = FakeRunner(s)
+    s.add_request(remote("d", 20, max_tokens=2))
+    step(s, r)
+    connector._failed.add("d")  # what the worker side records when the RPC fails
+    s.update_from_connector(landed("d", ok=False))
+    out = step(s, r)
+    assert out.num_scheduled_tokens == {"d": 20} and not loads_of(out)
+    run_to_end(s, r)
+    assert "d" not in connector._failed  # forgotten once the request ended
+
+
+def test_preempted_request_with_outputs_is_recomputed_locally() -> None:
+    _, connector = with_connector()
+    d = remote("d", 20)
+    d.append_output_token(5)
+    assert connector.num_matched_tokens(d, 0) == 0
+
+
+def test_prefill_side_holds_blocks_until_the_send_ends() -> None:
+    s, _ = with_connector()
+    r = FakeRunner(s)
+    p = req("p", 18, max_tokens=1)
+    p.kv_transfer = SendToDecode(pb.KVDestination(first_block_index=1, block_ids=[7, 8, 9, 10]))
+    s.add_request(p)
+    step(s, r)
+    assert p.is_finished and "p" in s.held
+    out = s.schedule()  # the next step tells the worker side to send
+    meta = out.kv_connector_metadata
+    assert isinstance(meta, RemotePrefillMetadata)
+    (send,) = meta.sends
+    assert send.request_id == "p" and len(send.block_ids) == 5
+    assert s.has_pending_transfers
+    s.update_from_connector(KVConnectorOutput(finished_saves=("p",)))
+    assert not s.held
+    s.kv.check_integrity(expect_idle=True)
+
+
+def test_aborted_prefill_is_not_sent() -> None:
+    s, connector = with_connector()
+    future = connector.expect_send("p")
+    p = req("p", 18, max_tokens=1)
+    p.kv_transfer = SendToDecode(pb.KVDestination())
+    s.add_request(p)
+    s.finish_requests(["p"], RequestStatus.FINISHED_ABORTED)
+    assert not s.held and connector.build_metadata() is None
+    assert future.exception() is not None
+    s.kv.check_integrity(expect_idle=True)
