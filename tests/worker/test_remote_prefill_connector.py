@@ -160,3 +160,34 @@ def test_aborted_prefill_is_not_sent() -> None:
     assert not s.held and connector.build_metadata() is None
     assert future.exception() is not None
     s.kv.check_integrity(expect_idle=True)
+
+
+def test_destination_names_every_rank_and_a_tp_mismatch_is_refused_before_any_byte() -> None:
+    import torch
+
+    from baton.kvstore.transports.base import KVCacheSpec
+    from baton.services.engine.executor import RankKVLayout
+    from baton.services.worker.connectors.remote_prefill import _Load
+
+    kv = torch.randn(2, 2, 8, 4, 4, 16)  # [layers, K/V, blocks, block_size, heads, dim]
+    connector = RemotePrefillConnector(RemotePrefillConfig("d0", transport="tcp"))
+    connector.register_kv_caches([RankKVLayout(0, KVCacheSpec.from_tensor(kv), 0, 4)], [kv])
+    try:
+        dest = connector.destination(_Load("r", tuple(range(20)), 8, (3, 4, 5, 6, 7), SOURCE))
+        assert dest.first_block_index == 2 and list(dest.block_ids) == [5, 6, 7]
+        (rank,) = dest.ranks
+        assert (rank.rank, rank.kv_head_start, rank.num_kv_heads) == (0, 0, 4)
+        assert list(rank.kv_shape) == list(kv.shape) and rank.transport_metadata
+        assert connector.check_destination(dest) is None
+        wrong = pb.KVDestination(transport="nixl", ranks=list(dest.ranks))
+        assert "transport" in (connector.check_destination(wrong) or "")
+        split = pb.KVDestination(
+            transport="tcp",
+            ranks=[
+                pb.KVRankDestination(rank=0, kv_head_start=0, num_kv_heads=2),
+                pb.KVRankDestination(rank=1, kv_head_start=2, num_kv_heads=2),
+            ],
+        )
+        assert "tensor-parallel layouts differ" in (connector.check_destination(split) or "")
+    finally:
+        connector.close()
