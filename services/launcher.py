@@ -13,13 +13,16 @@ environment ($BATON_API_KEYS), never on a command line other users can read.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections import deque
 from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
 
@@ -145,17 +148,47 @@ def gateway_env(config: ServeConfig) -> dict[str, str]:
 @dataclass
 class _Child:
     name: str
+    cmd: list[str]
+    env_extra: dict[str, str]
     proc: subprocess.Popen[bytes]
     log: Path
+    restarts: deque[float] = field(default_factory=deque)
+    """time.monotonic() of each restart within the budget's window."""
+    restart_at: float | None = None
+    """When an exited child is due to be started again (backoff)."""
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How `baton serve` brings back a child that exited."""
+
+    max_restarts: int = 5
+    """Restarts allowed per child within window_s; one more stops the cluster."""
+    window_s: float = 300.0
+    backoff_s: float = 1.0
+    """Delay before the first restart; doubled for each restart still in the window."""
+    max_backoff_s: float = 30.0
+
+
+class ClusterFailed(RuntimeError):
+    """A child (or Redis) exited more often than the restart budget allows."""
 
 
 class Cluster:
-    """The processes of one `baton serve`; start() returns once the gateway answers /health."""
+    """The processes of one `baton serve`; start() returns once the gateway answers /health.
 
-    def __init__(self, config: ServeConfig) -> None:
+    `supervise()` (called periodically by `serve`) restarts a worker or the gateway that exited,
+    under the same id and command line, after a backoff that doubles per recent restart; a
+    restarted worker re-registers and takes traffic again. Redis started by the cluster is
+    restarted on its own port. Past the restart budget it raises ClusterFailed.
+    """
+
+    def __init__(self, config: ServeConfig, restart: RestartPolicy | None = None) -> None:
         self.config = config
+        self.restart = restart or RestartPolicy()
         self.children: list[_Child] = []
         self.redis_server: RedisServer | None = None
+        self._redis_restarts: deque[float] = deque()
         self.log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="baton-serve-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.url = f"http://{config.host}:{config.port}"
@@ -180,12 +213,60 @@ class Cluster:
 
     def _spawn(self, name: str, cmd: list[str], env_extra: dict[str, str] | None = None) -> None:
         log = self.log_dir / f"{name}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        env_extra = env_extra or {}
+        self.children.append(_Child(name, cmd, env_extra, self._popen(cmd, env_extra, log), log))
+
+    @staticmethod
+    def _popen(cmd: list[str], env_extra: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
+        # Appended: a restarted child's log follows the one that died. Its own session: a
+        # terminal's Ctrl-C reaches `baton serve` only, which then drains the children in order.
+        with open(log, "ab") as out:
+            return subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
-        self.children.append(_Child(name, proc, log))
+
+    # ---- supervision -------------------------------------------------------------------------
+
+    def supervise(self, now: float | None = None) -> None:
+        """Restart what exited (after its backoff); raise ClusterFailed past the budget."""
+        now = time.monotonic() if now is None else now
+        policy = self.restart
+        if self.redis_server is not None and not self.redis_server.running:
+            _trim(self._redis_restarts, now - policy.window_s)
+            if len(self._redis_restarts) >= policy.max_restarts:
+                raise ClusterFailed("redis-server keeps exiting; stopping")
+            self._redis_restarts.append(now)
+            _say("redis-server exited; restarting it on its port")
+            self.redis_server.restart()
+        for child in self.children:
+            if child.proc.poll() is None:
+                continue
+            if child.restart_at is None:
+                _trim(child.restarts, now - policy.window_s)
+                if len(child.restarts) >= policy.max_restarts:
+                    raise ClusterFailed(
+                        f"{child.name} exited ({child.proc.returncode}) again after "
+                        f"{policy.max_restarts} restarts within {policy.window_s:.0f} s; "
+                        f"see {child.log}"
+                    )
+                delay = min(policy.backoff_s * 2 ** len(child.restarts), policy.max_backoff_s)
+                child.restart_at = now + delay
+                _say(
+                    f"{child.name} exited ({child.proc.returncode}); restarting in {delay:.1f} s "
+                    f"(restart {len(child.restarts) + 1} of {policy.max_restarts} allowed in "
+                    f"{policy.window_s:.0f} s); see {child.log}"
+                )
+            elif now >= child.restart_at:
+                child.restart_at = None
+                child.restarts.append(now)
+                child.proc = self._popen(child.cmd, child.env_extra, child.log)
+                _say(f"{child.name} restarted (pid {child.proc.pid})")
 
     def _check_children(self) -> None:
         for child in self.children:
@@ -227,33 +308,60 @@ class Cluster:
         raise TimeoutError(f"the gateway did not become healthy within {STARTUP_TIMEOUT_S:.0f} s")
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM in reverse start order (gateway first, workers drain), then SIGKILL."""
-        for child in reversed(self.children):
-            if child.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for child in reversed(self.children):
-            remaining = max(deadline - time.monotonic(), 0.1)
-            try:
-                child.proc.wait(remaining)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.proc.pid, signal.SIGKILL)
-                child.proc.wait(5)
-        self.children.clear()
-        if self.redis_server is not None:
-            self.redis_server.stop()
-            self.redis_server = None
+        """SIGTERM in reverse start order (gateway first, workers drain), then SIGKILL; Redis
+        last. A second Ctrl-C meanwhile is ignored: the drain runs to its end."""
+        previous = signal.getsignal(signal.SIGINT)
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for child in reversed(self.children):
+                if child.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            for child in reversed(self.children):
+                remaining = max(deadline - time.monotonic(), 0.1)
+                try:
+                    child.proc.wait(remaining)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.proc.pid, signal.SIGKILL)
+                    child.proc.wait(5)
+            self.children.clear()
+            if self.redis_server is not None:
+                self.redis_server.stop()
+                self.redis_server = None
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it (a graceful drain) if `baton serve` itself dies,
+    even by SIGKILL, so no worker outlives its supervisor (Linux's PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _trim(times: deque[float], before: float) -> None:
+    while times and times[0] < before:
+        times.popleft()
+
+
+def _say(line: str) -> None:
+    print(f"baton: {line}", file=sys.stderr, flush=True)
 
 
 def serve(config: ServeConfig) -> int:
     cluster = Cluster(config)
-    print(
-        f"baton: starting ({'colocated' if config.colocated else 'disaggregated'}); "
-        f"logs in {cluster.log_dir}",
-        file=sys.stderr,
-        flush=True,
+    _say(
+        f"starting ({'colocated' if config.colocated else 'disaggregated'}); "
+        f"logs in {cluster.log_dir}"
     )
     cluster.start()
     roles = ", ".join(sorted(w.worker_id for w in cluster.workers))
@@ -279,20 +387,17 @@ Ctrl-C stops everything.""",
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGTERM, on_signal)
+    # The same graceful drain whatever asks for it: Ctrl-C, SIGTERM (Kubernetes), SIGHUP.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    status = 0
     try:
         while not stopping:
-            for child in cluster.children:
-                if child.proc.poll() is not None:
-                    print(
-                        f"baton: {child.name} exited ({child.proc.returncode}); see {child.log}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    stopping = True
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    print("baton: stopping...", file=sys.stderr, flush=True)
+            cluster.supervise()
+            time.sleep(0.2)
+    except ClusterFailed as e:
+        _say(str(e))
+        status = 1
+    _say("stopping...")
     cluster.stop()
-    return 0
+    return status

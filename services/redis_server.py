@@ -154,8 +154,14 @@ class RedisServer:
             "--logfile", str(log_path),
             "--daemonize", "no",
         ]  # fmt: skip
+        # Its own session: a terminal's Ctrl-C must not kill Redis before the workers, whose
+        # drain deregisters them there, have stopped (baton serve stops it last).
         self._proc = subprocess.Popen(
-            args, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+            args,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
@@ -178,6 +184,14 @@ class RedisServer:
             f"redis-server did not answer PING on {self.host}:{port} within "
             f"{self.startup_timeout_s:.1f} s; log tail:\n{_tail(log_path)}"
         )
+
+    def restart(self) -> RedisServer:
+        """Start again on the same port after the server exited; its data is gone (soft state
+        that workers rebuild: they re-register on their next heartbeat)."""
+        port = self.port
+        self.stop()
+        self._requested_port = port
+        return self.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Terminate (SIGTERM), wait, then SIGKILL if it lingers; remove the temp dir."""

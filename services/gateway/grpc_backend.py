@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 from redis.asyncio import Redis
@@ -30,6 +30,9 @@ from baton.services.gateway.backend import (
 from baton.services.wire import ChannelPool
 
 logger = logging.getLogger(__name__)
+
+PLACEMENT_ATTEMPTS = 3
+"""Placements tried for a request whose decode worker is unreachable before streaming."""
 
 
 class GrpcBackend(Backend):
@@ -59,13 +62,36 @@ class GrpcBackend(Backend):
         )
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """Stream from the decode worker the router picks. A worker that is unreachable before
+        its first message (dead, restarting, its registry entry not yet expired) is marked
+        unhealthy and the request placed again, up to PLACEMENT_ATTEMPTS times: nothing was
+        streamed, so nothing is lost. A failure after the first message ends the stream."""
         await self.start()
+        for attempt in range(1, PLACEMENT_ATTEMPTS + 1):
+            started = False
+            try:
+                # aclosing: a client that leaves closes this generator, and the inner one must
+                # close now too (it cancels the worker's call), not when it is collected.
+                async with contextlib.aclosing(self._generate_once(request)) as stream:
+                    async for msg in stream:
+                        started = True
+                        yield msg
+                return
+            except BackendUnavailable as e:
+                if started or attempt == PLACEMENT_ATTEMPTS:
+                    raise
+                logger.warning("%s: placing %s again", e, request.request_id)
+
+    async def _generate_once(
+        self, request: pb.GenerateRequest
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         request_id = request.request_id
         try:
             placement = await self.router.place(len(request.prompt_token_ids), request_id)
         except NoWorkerAvailable as e:
             raise BackendUnavailable(f"no worker can serve this model now: {e}") from e
         request.routed_unix_s = time.time()
+        request.ClearField("prefill")
         if placement.prefill is not None:
             request.prefill.worker_id = placement.prefill.worker_id
             request.prefill.address = placement.prefill.address

@@ -1,0 +1,264 @@
+"""`baton serve` survives its workers: kill -9 under load, restart, traffic again, Ctrl-C.
+
+One real `baton serve` (workers prefill-0, decode-1, decode-2; real Redis, real gRPC) under a
+steady load of streaming completions from the official `openai` client. A decode worker and
+then the prefill worker are killed with SIGKILL: the cluster keeps serving, only requests in
+flight on the killed decode worker may fail (each with a clean error, none hangs), the worker
+comes back under the same id and serves again. Then a terminal's Ctrl-C, twice: SIGINT to the
+whole foreground process group stops everything and frees the port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from openai import APIError, OpenAI
+from redis import Redis
+
+from baton.router.registry import WorkerInfo
+from baton.services.redis_server import free_port
+
+pytestmark = pytest.mark.slow
+
+CONCURRENCY = 4
+
+
+@dataclass
+class Serve:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_dir: Path
+    redis_url: str = ""
+
+    def worker_pid(self, worker_id: str) -> int:
+        """The live child of this serve running `baton worker --worker-id worker_id`."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if (
+                ppid == self.proc.pid
+                and b"--worker-id" in argv
+                and argv[argv.index(b"--worker-id") + 1].decode() == worker_id
+            ):
+                return int(entry.name)
+        raise LookupError(worker_id)
+
+    def readies(self, role: str, index: int) -> int:
+        log = self.log_dir / f"worker-{role}-{index}.log"
+        return log.read_text(errors="replace").count("BATON_WORKER_READY")
+
+    def worker(self, worker_id: str) -> WorkerInfo:
+        with Redis.from_url(self.redis_url) as r:
+            raw = r.get(f"baton:worker:{worker_id}")
+        assert raw, worker_id
+        return WorkerInfo.from_json(raw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    port = free_port()
+    log_dir = tmp_path_factory.mktemp("serve")
+    cmd = [
+        sys.executable, "-m", "baton.services.cli", "serve",
+        "--num-prefill", "1", "--num-decode", "2", "--port", str(port),
+        "--device", "cpu", "--dtype", "float32", "--kv-cache-memory-mb", "96",
+        "--remote-prefill-min-tokens", "4", "--log-dir", str(log_dir),
+    ]  # fmt: skip
+    out = open(log_dir / "serve.out", "wb")  # noqa: SIM115 (closed at teardown)
+    # Its own process group, like a shell's foreground job: Ctrl-C goes to the whole group.
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    s = Serve(proc, f"http://127.0.0.1:{port}", log_dir)
+    try:
+        deadline = time.monotonic() + 300
+        while b"baton is serving" not in (log_dir / "serve.out").read_bytes():
+            assert proc.poll() is None, (log_dir / "serve.out").read_text()
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.5)
+        gateway_log = (log_dir / "gateway.log").read_text()
+        cmdline = Path(f"/proc/{s.worker_pid('decode-1')}/cmdline").read_bytes().split(b"\0")
+        s.redis_url = cmdline[cmdline.index(b"--redis-url") + 1].decode()
+        assert "gateway for" in gateway_log
+        yield s
+    finally:
+        if proc.poll() is None:  # a failed test: the workers die with serve (PDEATHSIG)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        out.close()
+
+
+@dataclass
+class Load:
+    """CONCURRENCY threads streaming completions until stopped; counts outcomes."""
+
+    url: str
+    ok: int = 0
+    failed: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> Load:
+        for i in range(CONCURRENCY):
+            t = threading.Thread(target=self._run, args=(i,), daemon=True)
+            t.start()
+            self.threads.append(t)
+        return self
+
+    def _run(self, i: int) -> None:
+        client = OpenAI(base_url=f"{self.url}/v1", api_key="x", timeout=60.0, max_retries=0)
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            try:
+                stream = client.completions.create(
+                    model=client.models.list().data[0].id,
+                    prompt=f"Request {i}-{n}: the history of the printing press begins",
+                    max_tokens=12,
+                    temperature=0,
+                    stream=True,
+                )
+                text = "".join(c.choices[0].text for c in stream if c.choices)
+                assert text
+                self.ok += 1
+            except APIError as e:  # a clean error: an HTTP status or an SSE error event
+                self.failed.append(f"{type(e).__name__}: {e}")
+
+    def wait_for(self, num_ok: int, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.ok < num_ok:
+            assert time.monotonic() < deadline, (self.ok, self.failed)
+            time.sleep(0.1)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(90)
+            assert not t.is_alive(), "a request hung"
+
+
+def _generation_tokens(metrics_address: str) -> float:
+    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("baton:generation_tokens_total")
+    )
+
+
+def _wait_restarted(serve: Serve, role: str, index: int, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while serve.readies(role, index) < 2:
+        assert serve.proc.poll() is None, (serve.log_dir / "serve.out").read_text()
+        assert time.monotonic() < deadline, f"{role}-{index} was not restarted"
+        time.sleep(0.5)
+
+
+def test_killed_workers_are_restarted_and_the_cluster_keeps_serving(serve: Serve) -> None:
+    load = Load(serve.url).start()
+    load.wait_for(6)
+    # ---- a decode worker dies: its in-flight requests at most are lost
+    os.kill(serve.worker_pid("decode-1"), signal.SIGKILL)
+    failed_before = len(load.failed)
+    load.wait_for(load.ok + 8)  # the other decode worker carries on meanwhile
+    _wait_restarted(serve, "decode", 1)
+    assert len(load.failed) - failed_before <= CONCURRENCY, load.failed
+    # the restarted worker re-registered under its id and takes traffic again
+    deadline = time.monotonic() + 60
+    served = 0.0
+    while served == 0.0:
+        assert time.monotonic() < deadline, "the restarted decode worker got no traffic"
+        load.wait_for(load.ok + 2)
+        served = _generation_tokens(serve.worker("decode-1").metrics_address)
+    # ---- the prefill worker dies: decode workers prefill locally, nothing is lost
+    failed_before = len(load.failed)
+    os.kill(serve.worker_pid("prefill-0"), signal.SIGKILL)
+    load.wait_for(load.ok + 8)
+    _wait_restarted(serve, "prefill", 0)
+    load.wait_for(load.ok + 4)
+    load.finish()
+    assert len(load.failed) == failed_before, load.failed[failed_before:]
+    out = (serve.log_dir / "serve.out").read_text()
+    assert "worker-decode-1 exited (-9); restarting" in out
+    assert "worker-prefill-0 restarted" in out
+    assert serve.proc.poll() is None
+
+
+def test_ctrl_c_twice_stops_every_process_and_frees_the_port(serve: Serve) -> None:
+    port = int(serve.url.rsplit(":", 1)[1])
+    children = [serve.worker_pid(w) for w in ("prefill-0", "decode-1", "decode-2")]
+    redis_port = int(serve.redis_url.rsplit(":", 1)[1].split("/")[0])
+    os.killpg(serve.proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
+    time.sleep(0.5)
+    os.killpg(serve.proc.pid, signal.SIGINT)  # impatient: a second Ctrl-C during the drain
+    assert serve.proc.wait(90) == 0
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), pid
+    for p in (port, redis_port):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{p}/health", timeout=2)
+    assert "stopping" in (serve.log_dir / "serve.out").read_text()
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    """kill -9 of `baton serve` itself: its children get SIGTERM and drain (PR_SET_PDEATHSIG)."""
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from baton.services.launcher import Cluster, ServeConfig\n"
+            f"c = Cluster(ServeConfig(log_dir={str(tmp_path)!r}))\n"
+            f"c._spawn('sleeper', [sys.executable, {str(script)!r}])\n"
+            "print(c.children[0].proc.pid, flush=True)\n"
+            "time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    child = int(holder.stdout.readline())
+    assert Path(f"/proc/{child}").exists()
+    holder.kill()
+    holder.wait(10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and not _is_zombie(child):
+        assert time.monotonic() < deadline, "the child outlived its supervisor"
+        time.sleep(0.1)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_child_that_keeps_dying_exhausts_its_restart_budget(tmp_path: Path) -> None:
+    from baton.services.launcher import Cluster, ClusterFailed, RestartPolicy, ServeConfig
+
+    policy = RestartPolicy(max_restarts=2, window_s=60.0, backoff_s=0.05, max_backoff_s=0.1)
+    cluster = Cluster(ServeConfig(log_dir=str(tmp_path)), policy)
+    cluster._spawn("flaky", [sys.executable, "-c", "print('boot'); raise SystemExit(3)"])
+    deadline = time.monotonic() + 30
+    with pytest.raises(ClusterFailed, match="flaky exited \\(3\\) again after 2 restarts"):
+        while time.monotonic() < deadline:
+            cluster.supervise()
+            time.sleep(0.02)
+    # started once, restarted twice (each after its backoff), all into one appended log
+    assert (tmp_path / "flaky.log").read_text().count("boot") == 3
+    cluster.stop()
