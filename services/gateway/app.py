@@ -11,6 +11,7 @@ malformed JSON are told apart and reported (400) in OpenAI's error shape like ev
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -29,7 +30,12 @@ from baton.services.gateway import errors
 from baton.services.gateway.backend import Backend
 from baton.services.gateway.chat import create_chat_completion
 from baton.services.gateway.completions import create_completion
-from baton.services.gateway.errors import REQUEST_ID_SCOPE_KEY, bad_request, unauthorized
+from baton.services.gateway.errors import (
+    REQUEST_ID_SCOPE_KEY,
+    bad_request,
+    payload_too_large,
+    unauthorized,
+)
 from baton.services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -88,8 +94,24 @@ def _client_request_id(scope: Scope) -> str | None:
     return None
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    raw = await request.body()
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed max_bytes (from its
+    Content-Length, else while it streams in), so a huge body is never held in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise payload_too_large(max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise payload_too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_json_object(raw: bytes) -> dict[str, object]:
+    """Bytes → a JSON object, every way it can be wrong mapped to a 400 that says which."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -98,9 +120,45 @@ async def parse_body(request: Request, model: type[M]) -> M:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise bad_request(f"Invalid JSON body: {e.msg} (line {e.lineno}, column {e.colno}).") from e
+    except RecursionError as e:
+        raise bad_request("The JSON body is nested too deeply.") from e
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.")
-    return model.model_validate(data)  # ValidationError → 400 naming the field (errors.py)
+    try:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no text can hold: the
+        # tokenizer would fail on it later. One C-speed pass finds any.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(
+            "The request body contains a lone UTF-16 surrogate (U+D800-U+DFFF)."
+        ) from e
+    return data
+
+
+OFF_LOOP_BODY_BYTES = 64 * 1024
+"""Bodies larger than this are parsed on a thread: a multi-megabyte JSON parse on the event
+loop would stall every other request (and /health) meanwhile."""
+
+
+async def parse_body(request: Request, model: type[M], max_bytes: int) -> M:
+    raw = await read_body(request, max_bytes)
+    if len(raw) > OFF_LOOP_BODY_BYTES:
+        return await asyncio.to_thread(_validate, raw, model)
+    return _validate(raw, model)
+
+
+def _validate(raw: bytes, model: type[M]) -> M:
+    data = decode_json_object(raw)
+    try:
+        return model.model_validate(data)  # ValidationError → 400 naming the field (errors.py)
+    except RecursionError as e:
+        raise bad_request("The JSON body is nested too deeply.") from e
+
+
+def max_body_bytes(max_model_len: int) -> int:
+    """The body cap: room for a prompt of max_model_len tokens at a generous 64 bytes each
+    (JSON escapes, token ids as text) plus 1 MiB for everything else."""
+    return max_model_len * 64 + 1024**2
 
 
 def build_app(
@@ -119,6 +177,7 @@ def build_app(
     if metrics is None:
         metrics = Metrics(CollectorRegistry(), model_id, role="gateway")
     serving = Serving(backend, tokenizer, model_id, max_model_len, metrics)
+    body_cap = max_body_bytes(max_model_len)
     keys = [k.encode() for k in api_keys if k]
 
     async def check_api_key(request: Request) -> None:
@@ -140,14 +199,14 @@ def build_app(
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = await parse_body(request, ChatCompletionRequest)
+        req = await parse_body(request, ChatCompletionRequest, body_cap)
         return await create_chat_completion(
             serving, req, request, _request_id(request), _arrival_s(request)
         )
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        req = await parse_body(request, CompletionRequest)
+        req = await parse_body(request, CompletionRequest, body_cap)
         return await create_completion(
             serving, req, request, _request_id(request), _arrival_s(request)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 
 import jinja2
@@ -76,7 +77,9 @@ async def create_chat_completion(
 ) -> Response:
     serving.check_model(req.model)
     _check_supported(req)
-    prompt = chat_prompt(serving, req)
+    # Off the event loop: a long conversation takes the tokenizer seconds, and the loop serves
+    # every other stream (and /health) meanwhile.
+    prompt = await asyncio.to_thread(chat_prompt, serving, req)
     serving.check_prompt(prompt, "messages")
     use_new = req.max_completion_tokens is not None
     params = serving.sampling_params(

@@ -6,6 +6,7 @@ Several prompts become one backend request each; their choices are numbered prom
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 
 from starlette.requests import Request
@@ -47,6 +48,7 @@ def completion_prompts(serving: Serving, req: CompletionRequest) -> list[tuple[s
             ids = serving.tokenizer.encode(item)
             out.append((item, ids))
         else:
+            serving.check_prompt(list(item), "prompt")  # before decode: ids must exist
             out.append((serving.tokenizer.decode(item) if req.echo else "", list(item)))
     for _, ids in out:
         serving.check_prompt(ids, "prompt")
@@ -74,7 +76,7 @@ async def create_completion(
 ) -> Response:
     serving.check_model(req.model)
     _check_supported(req)
-    prompts = completion_prompts(serving, req)
+    prompts = await asyncio.to_thread(completion_prompts, serving, req)  # off the loop
     params = serving.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
     gens = serving.generations([ids for _, ids in prompts], params, req, request_id, arrival_s)
     await start_all(request, gens)

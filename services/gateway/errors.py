@@ -72,6 +72,14 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def payload_too_large(max_bytes: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than this server accepts ({max_bytes} bytes).",
+        code="request_too_large",
+    )
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(
         404,

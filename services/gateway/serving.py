@@ -57,6 +57,12 @@ class Serving:
     def check_prompt(self, token_ids: list[int], param: str) -> None:
         if not token_ids:
             raise bad_request("The prompt is empty.", param=param)
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:  # before protobuf's uint32 (a negative id would be a 500 there)
+            raise bad_request(
+                f"Token id {bad} is outside the vocabulary [0, {vocab}).", param=param
+            )
         if len(token_ids) >= self.max_model_len:
             raise bad_request(
                 f"This model's maximum context length is {self.max_model_len} tokens, but the "

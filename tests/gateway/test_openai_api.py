@@ -310,6 +310,62 @@ def test_invalid_requests_are_400s_naming_the_param(gw: Gateway) -> None:
         _assert_error(c.get(f"{gw.url}/v1/nothing-here"), 404)
 
 
+def test_inputs_that_once_gave_500s_are_400s(gw: Gateway) -> None:
+    chat = f"{gw.url}/v1/chat/completions"
+    comp = f"{gw.url}/v1/completions"
+    with httpx.Client(timeout=30) as c:
+        # a lone surrogate, as JSON may escape it (the tokenizer cannot take it)
+        surrogate = b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}'
+        err = _assert_error(c.post(chat, content=surrogate, headers=_json()), 400)
+        assert "surrogate" in err["message"]
+        deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        assert (
+            "nested" in _assert_error(c.post(comp, content=deep, headers=_json()), 400)["message"]
+        )
+        for ids in ([-1], [1, -7], [2**32 + 5]):  # protobuf's uint32 would refuse them
+            err = _assert_error(c.post(comp, json={"prompt": ids, "echo": True}), 400, "prompt")
+            assert "vocabulary" in err["message"]
+        _assert_error(c.post(comp, json={"prompt": [[3, -1]]}), 400, "prompt")
+    _completes(gw)
+
+
+def test_a_body_over_the_cap_gets_413_and_the_gateway_stays_responsive(gw: Gateway) -> None:
+    from baton.services.gateway.app import max_body_bytes
+
+    cap = max_body_bytes(MAX_MODEL_LEN)
+    huge = b'{"prompt": "' + b"a" * (5 * 1024**2) + b'"}'
+    assert len(huge) > cap
+    comp = f"{gw.url}/v1/completions"
+    health: list[int] = []
+
+    def probe() -> None:
+        with httpx.Client(timeout=30) as c:
+            health.extend(c.get(f"{gw.url}/health").status_code for _ in range(5))
+
+    prober = threading.Thread(target=probe)
+    with httpx.Client(timeout=60) as c:
+        prober.start()
+        err = _assert_error(c.post(comp, content=huge, headers=_json()), 413)
+        assert err["code"] == "request_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the cap applies as it streams
+            for i in range(0, len(huge), 1 << 16):
+                yield huge[i : i + (1 << 16)]
+
+        _assert_error(c.post(comp, content=chunks(), headers=_json()), 413)
+        # under the cap but long: parsed and tokenized off the event loop, then refused (400)
+        long = {"model": gw.model, "prompt": "word " * (cap // 16)}
+        _assert_error(c.post(comp, json=long), 400, "prompt")
+    prober.join(60)
+    assert health == [200] * 5
+    _completes(gw)
+
+
+def _completes(gw: Gateway) -> None:
+    out = gw.client.completions.create(model=gw.model, prompt="Hello", max_tokens=3)
+    assert out.choices[0].text
+
+
 def _json() -> dict[str, str]:
     return {"Content-Type": "application/json"}
 
