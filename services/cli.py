@@ -27,6 +27,7 @@ from baton.services.engine.config import EngineConfig
 from baton.services.engine.llm_engine import LLMEngine
 from baton.services.engine.sampling_params import SamplingParams
 from baton.services.engine.tokenizer import Tokenizer
+from baton.services.gateway.deadlines import StreamDeadlines
 from baton.services.launcher import ServeConfig
 from baton.services.worker.server import WorkerConfig
 
@@ -203,7 +204,8 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     from baton.services.gateway.main import run_gateway
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_gateway(a.host, a.port, a.redis_url, a.model, tuple(a.api_key), a.policy)
+    deadlines = from_namespace(StreamDeadlines, a)
+    run_gateway(a.host, a.port, a.redis_url, a.model, tuple(a.api_key), a.policy, deadlines)
     return 0
 
 
@@ -268,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted Bearer key (repeatable); also $BATON_API_KEYS, comma-separated",
     )
     gateway.add_argument("--policy", default="least_load", choices=POLICIES)
+    add_config_flags(gateway, StreamDeadlines)
     gateway.set_defaults(func=cmd_gateway)
     bench = sub.add_parser("bench", help="benchmark a server: `bench serve`, `bench compare`")
     add_bench_arguments(bench)

@@ -32,6 +32,7 @@ from baton.kvstore.transports.registry import transport_names
 from baton.router.registry import WorkerInfo
 from baton.services.config_cli import CHOICES, FLAG, to_json
 from baton.services.engine.config import EngineConfig
+from baton.services.gateway.deadlines import StreamDeadlines
 from baton.services.redis_server import RedisServer, free_port
 
 STARTUP_TIMEOUT_S = 300.0
@@ -62,6 +63,7 @@ class ServeConfig:
     """A Bearer key the gateway accepts (repeatable; none: no authentication)."""
     log_dir: str = ""
     """Folder for the processes' logs; empty: a new temporary folder."""
+    deadlines: StreamDeadlines = field(default_factory=StreamDeadlines)
     engine: EngineConfig = field(default_factory=EngineConfig)
     # Shorthands for callers that build a ServeConfig in code; folded into `engine`, which
     # alone then says what the workers run.
@@ -134,6 +136,10 @@ def gateway_cmd(config: ServeConfig, redis_url: str) -> list[str]:
         redis_url,
         "--model",
         config.engine.model,
+        "--first-token-timeout-s",
+        str(config.deadlines.first_token_timeout_s),
+        "--inter-token-timeout-s",
+        str(config.deadlines.inter_token_timeout_s),
     ]
 
 

@@ -7,6 +7,7 @@ to use it. Load for the router comes from each worker's GetLoadStats.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -27,6 +28,7 @@ from baton.services.gateway.backend import (
     BackendUnavailable,
     InvalidRequest,
 )
+from baton.services.gateway.deadlines import StreamDeadlines
 from baton.services.wire import ChannelPool
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,14 @@ PLACEMENT_ATTEMPTS = 3
 
 
 class GrpcBackend(Backend):
-    def __init__(self, redis_url: str, model: str | None = None, policy: str = "least_load"):
+    def __init__(
+        self,
+        redis_url: str,
+        model: str | None = None,
+        policy: str = "least_load",
+        deadlines: StreamDeadlines | None = None,
+    ):
+        self.deadlines = deadlines or StreamDeadlines()
         self._redis = Redis.from_url(redis_url)
         self._channels = ChannelPool()
         self.router = Router(self._redis, self._fetch_load, model=model, policy=policy)
@@ -99,8 +108,24 @@ class GrpcBackend(Backend):
         self._owners[request_id] = decode.address
         call = self._channels.stub(decode.address).Generate(request)
         done = False
+        first = True
         try:
-            async for msg in call:
+            while True:
+                d = self.deadlines
+                timeout_s = d.first_token_timeout_s if first else d.inter_token_timeout_s
+                try:
+                    msg = await asyncio.wait_for(call.read(), timeout_s)
+                except TimeoutError:
+                    self.router.mark_unhealthy(decode.worker_id)
+                    which = "first-token" if first else "inter-token"
+                    raise BackendUnavailable(
+                        f"worker {decode.worker_id} sent nothing for {timeout_s:g} s "
+                        f"(the {which} deadline)"
+                    ) from None
+                if msg is grpc.aio.EOF:
+                    break
+                assert isinstance(msg, pb.GenerateResponse)
+                first = False
                 yield msg
             done = True
         except grpc.aio.AioRpcError as e:

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from baton.services.engine.loader.model_info import load_model_info
 from baton.services.gateway.app import build_app
+from baton.services.gateway.deadlines import StreamDeadlines
 from baton.services.gateway.grpc_backend import GrpcBackend
 from baton.services.metrics import Metrics
 
@@ -40,6 +41,7 @@ def run_gateway(
     model: str,
     api_keys: Sequence[str] = (),
     policy: str = "least_load",
+    deadlines: StreamDeadlines | None = None,
 ) -> None:
     """Serve the OpenAI API; api_keys and those in $BATON_API_KEYS are accepted."""
     api_keys = (*api_keys, *api_keys_from_env())
@@ -49,7 +51,7 @@ def run_gateway(
             f"model {model!r} has no tokenizer: the gateway needs one (where one is looked for: "
             "baton.services.engine.loader's docstring)"
         )
-    backend = GrpcBackend(redis_url, model=info.model_id, policy=policy)
+    backend = GrpcBackend(redis_url, model=info.model_id, policy=policy, deadlines=deadlines)
     metrics = Metrics(CollectorRegistry(), info.model_id, "gateway")
     app = build_app(
         backend,

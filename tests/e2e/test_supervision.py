@@ -31,6 +31,7 @@ from baton.services.redis_server import free_port
 pytestmark = pytest.mark.slow
 
 CONCURRENCY = 4
+INTER_TOKEN_S = 3.0
 
 
 @dataclass
@@ -78,6 +79,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
         "--num-prefill", "1", "--num-decode", "2", "--port", str(port),
         "--device", "cpu", "--dtype", "float32", "--kv-cache-memory-mb", "96",
         "--remote-prefill-min-tokens", "4", "--log-dir", str(log_dir),
+        "--first-token-timeout-s", "20", "--inter-token-timeout-s", str(INTER_TOKEN_S),
     ]  # fmt: skip
     out = open(log_dir / "serve.out", "wb")  # noqa: SIM115 (closed at teardown)
     # Its own process group, like a shell's foreground job: Ctrl-C goes to the whole group.
@@ -194,6 +196,31 @@ def test_killed_workers_are_restarted_and_the_cluster_keeps_serving(serve: Serve
     out = (serve.log_dir / "serve.out").read_text()
     assert "worker-decode-1 exited (-9); restarting" in out
     assert "worker-prefill-0 restarted" in out
+    assert serve.proc.poll() is None
+
+
+def test_a_frozen_decode_worker_costs_at_most_its_streams_and_is_probed_back(
+    serve: Serve,
+) -> None:
+    load = Load(serve.url).start()
+    load.wait_for(4)
+    pid = serve.worker_pid("decode-2")
+    metrics = serve.worker("decode-2").metrics_address
+    os.kill(pid, signal.SIGSTOP)  # alive to the supervisor, silent to everyone
+    try:
+        failed_before = len(load.failed)
+        load.wait_for(load.ok + 10)  # the other decode worker serves meanwhile
+        lost = load.failed[failed_before:]
+        assert len(lost) <= CONCURRENCY, lost
+        assert all("deadline" in f or "unavailable" in f.lower() for f in lost), lost
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    served = _generation_tokens(metrics)
+    deadline = time.monotonic() + 90
+    while _generation_tokens(metrics) <= served:  # healthy again once its probe answers
+        assert time.monotonic() < deadline, "the thawed worker got no traffic"
+        load.wait_for(load.ok + 2)
+    load.finish()
     assert serve.proc.poll() is None
 
 
