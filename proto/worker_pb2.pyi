@@ -139,7 +139,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ..., destination: _Optional[_Union[KVDestination, _Mapping]] = ...) -> None: ...
 
 class KVDestination(_message.Message):
-    __slots__ = ("worker_id", "transport", "block_size", "first_block_index", "block_ids", "layout", "dtype", "ranks")
+    __slots__ = ("worker_id", "transport", "block_size", "first_block_index", "block_ids", "layout", "dtype", "ranks", "transfer_token")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class KVDestination(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     transport: str
     block_size: int
@@ -156,7 +157,8 @@ class KVDestination(_message.Message):
     layout: str
     dtype: str
     ranks: _containers.RepeatedCompositeFieldContainer[KVRankDestination]
-    def __init__(self, worker_id: _Optional[str] = ..., transport: _Optional[str] = ..., block_size: _Optional[int] = ..., first_block_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[KVRankDestination, _Mapping]]] = ...) -> None: ...
+    transfer_token: str
+    def __init__(self, worker_id: _Optional[str] = ..., transport: _Optional[str] = ..., block_size: _Optional[int] = ..., first_block_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[KVRankDestination, _Mapping]]] = ..., transfer_token: _Optional[str] = ...) -> None: ...
 
 class KVRankDestination(_message.Message):
     __slots__ = ("rank", "kv_head_start", "num_kv_heads", "kv_shape", "transport_metadata")
@@ -223,7 +225,7 @@ class LoadStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadStats(_message.Message):
-    __slots__ = ("worker_id", "num_running", "num_waiting", "num_outstanding_tokens", "kv_cache_usage", "num_kv_blocks", "num_free_kv_blocks")
+    __slots__ = ("worker_id", "num_running", "num_waiting", "num_outstanding_tokens", "kv_cache_usage", "num_kv_blocks", "num_free_kv_blocks", "draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +233,7 @@ class LoadStats(_message.Message):
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_running: int
     num_waiting: int
@@ -238,4 +241,5 @@ class LoadStats(_message.Message):
     kv_cache_usage: float
     num_kv_blocks: int
     num_free_kv_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_outstanding_tokens: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_outstanding_tokens: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...

@@ -34,6 +34,8 @@ class WorkerLoad:
     num_waiting: int
     kv_cache_usage: float
     """Fraction of KV blocks in use, 0..1."""
+    draining: bool = False
+    """The worker is stopping and takes no new requests."""
 
 
 @dataclass(frozen=True)

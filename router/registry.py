@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -52,6 +54,9 @@ class WorkerInfo:
     started_unix_s: float
     metrics_address: str = ""
     """host:port of the worker's Prometheus /metrics endpoint ("" when it has none)."""
+    proof: str = ""
+    """HMAC of every other field under the cluster token (services/cluster_auth.py): what
+    tells the gateway this entry was written by one of its own workers."""
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -66,6 +71,19 @@ class WorkerInfo:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    def _signed_payload(self) -> str:
+        fields = asdict(self)
+        del fields["proof"]
+        return json.dumps(fields, sort_keys=True)
+
+    def signed(self, token: str) -> WorkerInfo:
+        """This entry with its proof under `token` ("" : unsigned)."""
+        return replace(self, proof=_hmac(token, self._signed_payload()) if token else "")
+
+    def proven(self, token: str) -> bool:
+        """Whether the proof holds under `token` (no token: every entry is accepted)."""
+        return not token or hmac.compare_digest(_hmac(token, self._signed_payload()), self.proof)
 
     @classmethod
     def from_json(cls, data: str | bytes) -> WorkerInfo:
@@ -87,10 +105,15 @@ class WorkerInfo:
                 transport=_typed(raw, "transport", str),
                 started_unix_s=float(_typed(raw, "started_unix_s", (int, float))),
                 metrics_address=str(raw.get("metrics_address", "")),
+                proof=str(raw.get("proof", "")),
             )
         except KeyError as e:
             raise ValueError(f"missing field {e}") from e
         return info
+
+
+def _hmac(token: str, payload: str) -> str:
+    return hmac.new(token.encode(), payload.encode(), hashlib.sha256).hexdigest()
 
 
 def _typed(raw: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -170,11 +193,12 @@ class WorkerRegistration:
         await self.stop()
 
 
-async def list_workers(redis: Redis, model: str | None = None) -> list[WorkerInfo]:
+async def list_workers(redis: Redis, model: str | None = None, token: str = "") -> list[WorkerInfo]:
     """All registered workers (optionally of one model), sorted by worker_id.
 
     SCAN, then MGET in chunks; a key that expired in between is skipped quietly, a malformed
-    one with a warning (it costs a worker, never a wrong placement).
+    one with a warning (it costs a worker, never a wrong placement), and so is one whose proof
+    does not hold under the cluster token `token` (a forged entry).
     """
     keys: list[bytes | str] = [k async for k in redis.scan_iter(match=KEY_PREFIX + "*", count=512)]
     workers: list[WorkerInfo] = []
@@ -189,10 +213,26 @@ async def list_workers(redis: Redis, model: str | None = None) -> list[WorkerInf
                 info = WorkerInfo.from_json(value)
                 if worker_key(info.worker_id) != key_str:
                     raise ValueError(f"worker_id {info.worker_id!r} does not match the key")
+                if not info.proven(token):
+                    raise ValueError("its proof does not hold under the cluster token")
             except ValueError as e:
-                logger.warning("skipping malformed registry entry %s: %s", key_str, e)
+                _warn_once(key_str, value, str(e))
                 continue
             if model is None or info.model == model:
                 workers.append(info)
     workers.sort(key=lambda w: w.worker_id)
     return workers
+
+
+_warned: dict[tuple[str, bytes | str], None] = {}
+_MAX_WARNED = 1024
+
+
+def _warn_once(key: str, value: bytes | str, why: str) -> None:
+    """Log a bad entry once per (key, value), not at every refresh."""
+    if (key, value) in _warned:
+        return
+    if len(_warned) >= _MAX_WARNED:
+        _warned.clear()
+    _warned[(key, value)] = None
+    logger.warning("skipping registry entry %s: %s", key, why)

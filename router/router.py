@@ -6,6 +6,15 @@ gateway's gRPC call, about every half second). Between two polls the reported lo
 the router adds the prompt tokens it has assigned since (pending tokens) — otherwise a burst of
 requests inside one poll interval would all land on the same "least loaded" worker.
 The choice itself is `policy.choose_placement`, a pure function.
+
+The registry is soft state (docs/design.md §4): a worker missing from it (Redis restarted and
+came back empty, a heartbeat lost) stays placeable for `missing_grace_s` while its own load
+polls answer; only its failing polls, a draining report or the grace running out drop it. An
+empty registry is therefore never read as "no workers". With a cluster `token`, an entry whose
+proof does not hold is ignored (router/registry.py).
+
+A load poll that times out while the event loop itself was stalled (a wait that took far past
+its timeout) says nothing about the worker and is not held against it.
 """
 
 from __future__ import annotations
@@ -58,6 +67,8 @@ class Router:
         poll_interval_s: float = 0.5,
         fetch_timeout_s: float = 1.0,
         local_prefill_max_tokens: int = 0,
+        token: str = "",
+        missing_grace_s: float = 15.0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown placement policy {policy!r}; choose from {POLICIES}")
@@ -69,8 +80,12 @@ class Router:
         self.poll_interval_s = poll_interval_s
         self.fetch_timeout_s = fetch_timeout_s
         self.local_prefill_max_tokens = local_prefill_max_tokens
+        self.token = token
+        self.missing_grace_s = missing_grace_s
 
         self._workers: list[WorkerInfo] = []
+        self._missing_since: dict[str, float] = {}
+        """worker id → when a refresh first did not find it in the registry (kept meanwhile)."""
         self._refreshed_at: float | None = None  # monotonic time of the last refresh attempt
         self._refresh_gen = 0
         self._refresh_lock = asyncio.Lock()
@@ -179,12 +194,13 @@ class Router:
 
     async def _refresh(self) -> None:
         try:
-            workers = await list_workers(self.redis, self.model)
+            listed = await list_workers(self.redis, self.model, self.token)
         except (RedisError, OSError) as e:
             logger.warning(
                 "registry refresh failed, keeping %d cached workers: %s", len(self._workers), e
             )
         else:
+            workers = self._merge(listed, time.monotonic())
             self._workers = workers
             live = {w.worker_id for w in workers}
             for table in (self._reported, self._unreflected):
@@ -195,6 +211,25 @@ class Router:
         self._refreshed_at = time.monotonic()
         self._refresh_gen += 1
 
+    def _merge(self, listed: list[WorkerInfo], now: float) -> list[WorkerInfo]:
+        """The registry's workers, plus the known ones it lacks that are healthy and within
+        their grace (soft state: see the module docstring)."""
+        found = {w.worker_id for w in listed}
+        for wid in [wid for wid in self._missing_since if wid in found]:
+            del self._missing_since[wid]
+        kept = []
+        for worker in self._workers:
+            wid = worker.worker_id
+            if wid in found:
+                continue
+            since = self._missing_since.setdefault(wid, now)
+            if wid not in self._unhealthy and now - since < self.missing_grace_s:
+                kept.append(worker)
+            else:
+                del self._missing_since[wid]
+                logger.info("worker %s left the registry; dropped", wid)
+        return sorted([*listed, *kept], key=lambda w: w.worker_id)
+
     async def poll_loads(self) -> None:
         """Fetch every registered worker's load once, concurrently."""
         await asyncio.gather(*(self._poll_one(w) for w in list(self._workers)))
@@ -204,9 +239,17 @@ class Router:
         fetch_started = time.monotonic()
         try:
             load = await asyncio.wait_for(self.load_fetcher(worker), self.fetch_timeout_s)
+        except TimeoutError:
+            if time.monotonic() - fetch_started > 2 * self.fetch_timeout_s:
+                return  # the loop stalled, not (necessarily) the worker: no verdict
+            self._fetch_failed(worker, "timed out")
+            return
         except Exception as e:
+            self._fetch_failed(worker, repr(e))
+            return
+        if load.draining:
             if wid not in self._unhealthy:
-                logger.warning("load fetch from %s (%s) failed: %r", wid, worker.address, e)
+                logger.info("worker %s is draining; placing nothing more there", wid)
             self._unhealthy.add(wid)
             return
         if wid in self._unhealthy:
@@ -219,6 +262,13 @@ class Router:
         if pending:
             for rid in [rid for rid, (_, t) in pending.items() if t < fetch_started]:
                 del pending[rid]
+
+    def _fetch_failed(self, worker: WorkerInfo, why: str) -> None:
+        if worker.worker_id not in self._unhealthy:
+            logger.warning(
+                "load fetch from %s (%s) failed: %s", worker.worker_id, worker.address, why
+            )
+        self._unhealthy.add(worker.worker_id)
 
     # ---- placement -------------------------------------------------------------------------
 

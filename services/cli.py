@@ -28,6 +28,7 @@ from baton.services.engine.llm_engine import LLMEngine
 from baton.services.engine.sampling_params import SamplingParams
 from baton.services.engine.tokenizer import Tokenizer
 from baton.services.gateway.deadlines import StreamDeadlines
+from baton.services.gateway.limits import GatewayLimits
 from baton.services.launcher import ServeConfig
 from baton.services.worker.server import WorkerConfig
 
@@ -205,7 +206,9 @@ def cmd_gateway(a: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     deadlines = from_namespace(StreamDeadlines, a)
-    run_gateway(a.host, a.port, a.redis_url, a.model, tuple(a.api_key), a.policy, deadlines)
+    limits = from_namespace(GatewayLimits, a)
+    keys = tuple(a.api_key)
+    run_gateway(a.host, a.port, a.redis_url, a.model, keys, a.policy, deadlines, limits=limits)
     return 0
 
 
@@ -262,15 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--model", default="smollm2")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8000)
-    gateway.add_argument("--redis-url", required=True)
+    gateway.add_argument("--redis-url", default="", help="empty: $BATON_REDIS_URL")
     gateway.add_argument(
         "--api-key",
         action="append",
         default=[],
-        help="accepted Bearer key (repeatable); also $BATON_API_KEYS, comma-separated",
+        help="accepted Bearer key (repeatable); also $BATON_API_KEYS, comma-separated, and "
+        "$BATON_API_KEY",
     )
     gateway.add_argument("--policy", default="least_load", choices=POLICIES)
     add_config_flags(gateway, StreamDeadlines)
+    add_config_flags(gateway, GatewayLimits)
     gateway.set_defaults(func=cmd_gateway)
     bench = sub.add_parser("bench", help="benchmark a server: `bench serve`, `bench compare`")
     add_bench_arguments(bench)

@@ -165,6 +165,32 @@ def add_config_flags(
         action.help = leaf.doc.replace("%", "%%")
 
 
+def to_argv(config: object) -> list[str]:
+    """The flags that give every leaf field of `config` its value (what add_config_flags reads
+    back): how one process hands a small config to another on its command line."""
+    argv: list[str] = []
+    for leaf in flat_fields(type(config)).values():
+        value = _leaf_value(config, leaf.name)
+        if leaf.type is bool:
+            argv.append(leaf.flag if value else "--no-" + leaf.flag.removeprefix("--"))
+        elif _is_tuple(leaf.type):
+            for item in value:
+                argv += [leaf.flag, str(item)]
+        elif value is not None:
+            argv += [leaf.flag, str(value)]
+    return argv
+
+
+def _leaf_value(config: object, name: str) -> Any:
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        if f.name == name:
+            return value
+        if dataclasses.is_dataclass(value) and name in flat_fields(type(value)):
+            return _leaf_value(value, name)
+    raise KeyError(name)
+
+
 def namespace_values(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
     """The flat field values of cls that namespace holds (a repeatable flag not given: absent)."""
     values: dict[str, Any] = {}

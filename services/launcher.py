@@ -6,8 +6,13 @@ the URL and a usage example; Ctrl-C (or SIGTERM) drains and stops everything in 
 Each child's output goes to a log file in the run's folder.
 
 Serve builds the EngineConfig once; each worker gets it whole as one `--engine-config <json>`
-argument (config_cli.to_json), never flag by flag. API keys reach the gateway through its
-environment ($BATON_API_KEYS), never on a command line other users can read.
+argument (config_cli.to_json), never flag by flag. Secrets reach the children through their
+environment, never a command line other users can read: the API keys ($BATON_API_KEYS), the
+cluster token serve mints at start ($BATON_CLUSTER_TOKEN, services/cluster_auth.py) and the
+Redis URL with the password serve gives the Redis it starts ($BATON_REDIS_URL).
+
+The gateway listens on `host`; the workers' gRPC, /metrics and KV listeners on `worker_host`
+(127.0.0.1 unless asked), so exposing the API does not expose the cluster's internals.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ from redis import Redis
 
 from baton.kvstore.transports.registry import transport_names
 from baton.router.registry import WorkerInfo
-from baton.services.config_cli import CHOICES, FLAG, to_json
+from baton.services.cluster_auth import CLUSTER_TOKEN_ENV, REDIS_URL_ENV, new_secret
+from baton.services.config_cli import CHOICES, FLAG, to_argv, to_json
 from baton.services.engine.config import EngineConfig
 from baton.services.gateway.deadlines import StreamDeadlines
+from baton.services.gateway.limits import GatewayLimits
 from baton.services.redis_server import RedisServer, free_port
 
 STARTUP_TIMEOUT_S = 300.0
@@ -43,7 +50,9 @@ class ServeConfig:
     """One `baton serve`: the cluster's shape, and the engine every worker runs."""
 
     host: str = "127.0.0.1"
-    """Address the gateway and the workers listen on."""
+    """Address the gateway (the OpenAI API) listens on."""
+    worker_host: str = "127.0.0.1"
+    """Address the workers' gRPC, /metrics and KV listeners bind (cluster-internal)."""
     port: int = 8000
     """The gateway's HTTP port (the OpenAI API)."""
     num_prefill: int = 1
@@ -64,6 +73,7 @@ class ServeConfig:
     log_dir: str = ""
     """Folder for the processes' logs; empty: a new temporary folder."""
     deadlines: StreamDeadlines = field(default_factory=StreamDeadlines)
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
     # Shorthands for callers that build a ServeConfig in code; folded into `engine`, which
     # alone then says what the workers run.
@@ -95,8 +105,9 @@ def worker_engine_config(config: ServeConfig) -> EngineConfig:
     return replace(config.engine, cache=replace(cache, gpu_memory_utilization=share))
 
 
-def worker_cmd(config: ServeConfig, role: str, index: int, redis_url: str) -> list[str]:
-    """The command line of the index-th worker (of role) that serve starts."""
+def worker_cmd(config: ServeConfig, role: str, index: int) -> list[str]:
+    """The command line of the index-th worker (of role) that serve starts (its secrets, the
+    Redis URL included, go by cluster_env)."""
     return [
         sys.executable,
         "-m",
@@ -106,12 +117,10 @@ def worker_cmd(config: ServeConfig, role: str, index: int, redis_url: str) -> li
         role,
         "--worker-id",
         f"{role}-{index}",
-        "--redis-url",
-        redis_url,
         "--transport",
         config.transport,
         "--host",
-        config.host,
+        config.worker_host,
         "--metrics-port",
         "0",
         "--remote-prefill-min-tokens",
@@ -121,8 +130,8 @@ def worker_cmd(config: ServeConfig, role: str, index: int, redis_url: str) -> li
     ]
 
 
-def gateway_cmd(config: ServeConfig, redis_url: str) -> list[str]:
-    """The gateway's command line (its API keys go by gateway_env, not here)."""
+def gateway_cmd(config: ServeConfig) -> list[str]:
+    """The gateway's command line (its secrets go by gateway_env and cluster_env)."""
     return [
         sys.executable,
         "-m",
@@ -132,23 +141,24 @@ def gateway_cmd(config: ServeConfig, redis_url: str) -> list[str]:
         config.host,
         "--port",
         str(config.port),
-        "--redis-url",
-        redis_url,
         "--model",
         config.engine.model,
-        "--first-token-timeout-s",
-        str(config.deadlines.first_token_timeout_s),
-        "--inter-token-timeout-s",
-        str(config.deadlines.inter_token_timeout_s),
+        *to_argv(config.deadlines),
+        *to_argv(config.limits),
     ]
 
 
 def gateway_env(config: ServeConfig) -> dict[str, str]:
     """The gateway's extra environment: its API keys (a command line is world-readable in ps).
     Always set, so that a key in serve's own environment does not leak into the gateway's."""
-    from baton.services.gateway.main import API_KEYS_ENV, join_api_keys
+    from baton.services.gateway.main import API_KEY_ENV, API_KEYS_ENV, join_api_keys
 
-    return {API_KEYS_ENV: join_api_keys(config.api_keys)}
+    return {API_KEYS_ENV: join_api_keys(config.api_keys), API_KEY_ENV: ""}
+
+
+def cluster_env(token: str, redis_url: str) -> dict[str, str]:
+    """What every child gets in its environment: the cluster token and the registry's URL."""
+    return {CLUSTER_TOKEN_ENV: token, REDIS_URL_ENV: redis_url}
 
 
 @dataclass
@@ -198,20 +208,23 @@ class Cluster:
         self.log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="baton-serve-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.url = f"http://{config.host}:{config.port}"
+        self.token = new_secret()
+        """The cluster token (services/cluster_auth.py), minted per run."""
 
     def start(self) -> None:
         cfg = self.config
         try:
             redis_url = cfg.redis_url
             if not redis_url:
-                self.redis_server = RedisServer(port=free_port())
+                self.redis_server = RedisServer(port=free_port(), password=new_secret())
                 self.redis_server.start()
                 redis_url = self.redis_server.url
             self.redis_url = redis_url
+            env = cluster_env(self.token, redis_url)
             for i, role in enumerate(cfg.roles):
-                self._spawn(f"worker-{role}-{i}", worker_cmd(cfg, role, i, redis_url))
+                self._spawn(f"worker-{role}-{i}", worker_cmd(cfg, role, i), env)
             self._wait_for_workers(len(cfg.roles))
-            self._spawn("gateway", gateway_cmd(cfg, redis_url), gateway_env(cfg))
+            self._spawn("gateway", gateway_cmd(cfg), {**env, **gateway_env(cfg)})
             self._wait_for_gateway()
         except BaseException:
             self.stop()

@@ -30,6 +30,8 @@ from baton.services.engine.step_io import EngineCoreOutput
 from baton.services.engine.tokenizer import Tokenizer
 from baton.services.gateway.app import build_app
 from baton.services.gateway.backend import Backend, BackendError, InvalidRequest
+from baton.services.gateway.http_limits import server_config
+from baton.services.gateway.limits import GatewayLimits
 from baton.services.gateway.main import api_keys_from_env
 from baton.services.wire import delta_to_pb, params_from_pb
 
@@ -191,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     keys = [*args.api_key, *api_keys_from_env()]
     backend = LocalBackend.create(args.model, args.dtype, max_model_len=args.max_model_len)
     app = build_app(backend, backend.tokenizer, backend.model_id, backend.max_model_len, keys)
-    uvicorn.run(app, host=args.host, port=args.port)
+    uvicorn.Server(server_config(app, args.host, args.port, GatewayLimits())).run()
 
 
 if __name__ == "__main__":

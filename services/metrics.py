@@ -112,6 +112,12 @@ class MetricFamilies:
             (*REQUEST_LABELS, "finished_reason"),
             registry=r,
         )
+        self.request_rejected = Counter(
+            "baton:request_rejected_total",
+            "Requests the gateway refused before serving them, by reason.",
+            (*REQUEST_LABELS, "reason"),
+            registry=r,
+        )
 
     def _build_worker_families(self, r: CollectorRegistry) -> None:
         def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -225,6 +231,10 @@ class Metrics:
     def request_success(self, finished_reason: str) -> Counter:
         """The counter for one finish reason ("stop", "length", "abort", ...)."""
         return self.families.request_success.labels(self.model_name, finished_reason)
+
+    def request_rejected(self, reason: str) -> Counter:
+        """The counter for one reason a request was refused ("max_concurrent_requests")."""
+        return self.families.request_rejected.labels(self.model_name, reason)
 
     # ---- worker-side, labels (model_name, role) ------------------------------------------------
 

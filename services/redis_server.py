@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
@@ -57,7 +58,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _answering_pid(host: str, port: int, timeout_s: float) -> int | None:
+def _answering_pid(host: str, port: int, timeout_s: float, password: str | None) -> int | None:
     """The process id of the Redis answering PING on host:port, or None if none answers yet.
 
     The pid tells our process apart from another server already holding a requested port.
@@ -66,6 +67,7 @@ def _answering_pid(host: str, port: int, timeout_s: float) -> int | None:
     client = redis.Redis(
         host=host,
         port=port,
+        password=password,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
@@ -83,7 +85,10 @@ def _answering_pid(host: str, port: int, timeout_s: float) -> int | None:
 class RedisServer:
     """One redis-server process on 127.0.0.1 with a temp working dir and no persistence.
 
-    Use as a context manager, or call start()/stop(). `url` is "redis://127.0.0.1:PORT/0".
+    Use as a context manager, or call start()/stop(). `url` is "redis://127.0.0.1:PORT/0", or
+    "redis://:PASSWORD@127.0.0.1:PORT/0" with a password: then Redis refuses every command
+    before AUTH. The password goes in a 0600 config file in the server's private folder, never
+    on its command line (world-readable in /proc/<pid>/cmdline).
     """
 
     def __init__(
@@ -93,8 +98,12 @@ class RedisServer:
         host: str = "127.0.0.1",
         binary: str | Path | None = None,
         startup_timeout_s: float = 10.0,
+        password: str | None = None,
     ) -> None:
+        if password is not None and not _plain(password):
+            raise ValueError("a Redis password must be non-empty, without spaces or quotes")
         self.host = host
+        self.password = password
         self.binary = Path(binary) if binary is not None else find_redis_server()
         self.startup_timeout_s = startup_timeout_s
         self._requested_port = port
@@ -110,7 +119,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
@@ -144,8 +154,12 @@ class RedisServer:
         assert self._tmpdir is not None
         workdir = Path(self._tmpdir.name)
         log_path = workdir / "redis.log"
+        conf = workdir / "redis.conf"
+        conf.touch(mode=0o600)
+        conf.write_text(f"requirepass {self.password}\n" if self.password else "")
         args = [
             str(self.binary),
+            str(conf),
             "--port", str(port),
             "--bind", self.host,
             "--save", "",
@@ -172,7 +186,7 @@ class RedisServer:
                     logger.info("redis port %d was taken meanwhile; trying another", port)
                     return False
                 raise RedisServerError(f"redis-server exited at startup; log tail:\n{log}")
-            pid = _answering_pid(self.host, port, timeout_s=0.5)
+            pid = _answering_pid(self.host, port, timeout_s=0.5, password=self.password)
             if pid == self._proc.pid:
                 return True
             if pid is not None:
@@ -223,6 +237,11 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _plain(password: str) -> bool:
+    """Whether a password can stand unquoted in a redis.conf line."""
+    return bool(password) and not any(c.isspace() or c in "\"'" for c in password)
 
 
 def _tail(path: Path, num_lines: int = 20) -> str:

@@ -14,6 +14,7 @@ import grpc
 
 from baton.proto import worker_pb2 as pb
 from baton.proto import worker_pb2_grpc as pb_grpc
+from baton.services.cluster_auth import client_interceptors, cluster_token_from_env
 from baton.services.engine.sampling_params import SamplingParams
 from baton.services.engine.sequence_ids import parse_sequence_id
 from baton.services.engine.step_io import EngineCoreOutput, TokenLogprobs
@@ -109,16 +110,29 @@ class ChannelPool:
     belong to the loop they were opened on).
     """
 
-    def __init__(self, options: Sequence[tuple[str, Any]] = ()) -> None:
-        """options: gRPC channel arguments for every channel (e.g. max message lengths)."""
+    def __init__(
+        self,
+        options: Sequence[tuple[str, Any]] = (),
+        *,
+        token: str | None = None,
+        caller: str = "",
+    ) -> None:
+        """options: gRPC channel arguments for every channel (e.g. max message lengths).
+        token: the cluster token every call carries (None: $BATON_CLUSTER_TOKEN, "": none);
+        caller: who calls, for the worker's per-caller queue share (cluster_auth.py)."""
         self._options = list(options)
+        if token is None:
+            token = cluster_token_from_env()
+        self._interceptors = client_interceptors(token, caller)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """The channel to `address` ("host:port"), opened now if this is its first use."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = grpc.aio.insecure_channel(
+                address, options=self._options, interceptors=self._interceptors
+            )
             self._channels[address] = channel
         return channel
 

@@ -6,6 +6,12 @@ transport's `metadata()` (bytes inside the protobuf `KVDestination`), and the pr
 decode worker learns of completion from the gRPC reply sent after that. No transport needs a
 completion notification of its own.
 
+Every write carries a transfer token (docs/design.md §11) that the destination granted for
+exactly the blocks it allocated (`grant`, before the destination is announced) and revokes when
+the transfer has ended (`revoke`); grants.py keeps the bookkeeping. Whether the destination
+checks the token before bytes land is the transport's to say: tcp.py does, for every write; the
+one-sided transports (nixl.py, mooncake.py) cannot, and their docstrings say what holds instead.
+
 Both workers hold a paged KV cache of layout "LT2BSHD":
 
     [num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim], contiguous.
@@ -32,6 +38,8 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import numpy.typing as npt
 import torch
+
+from baton.kvstore.transports.grants import TransferGrants
 
 KV_LAYOUT = "LT2BSHD"
 """The only layout the transports move: [layers, 2, blocks, block_size, heads, dim]."""
@@ -266,12 +274,18 @@ class KVTransport(ABC):
         per worker process; the tensor must outlive it and must not be reallocated.
       - `metadata()` is what a peer needs to write into this worker (layout, dtype, shape and
         num_blocks of the tensor plus transport addressing). Stable for the instance's life.
-      - `write_blocks(...)` copies block src_block_ids[i] of the local tensor into block
-        dst_block_ids[i] of the peer's, for every layer, K and V. It blocks until the data is in
-        the peer's memory, and raises TransportError on failure or after config.timeout_s. It
-        validates dtype/shape compatibility and block ranges before any byte moves. On failure
-        the destination blocks hold unspecified data (the decode worker frees or recomputes).
-        Safe to call from several threads.
+      - `grant(token, block_ids)` / `revoke(token)` (destination side, thread-safe): from
+        grant to revoke, a write carrying `token` into any subset of `block_ids` may land;
+        no other write of that token. `revoke` is idempotent; one token is one transfer.
+      - `write_blocks(..., token=...)` copies block src_block_ids[i] of the local tensor into
+        block dst_block_ids[i] of the peer's, for every layer, K and V, under the transfer
+        token the peer granted. It blocks until the data is in the peer's memory, and raises
+        TransportError on failure, on a refusal (the message says why), or after
+        config.timeout_s. It validates the token's presence, dtype/shape compatibility and
+        block ranges before any byte moves. On failure the destination blocks hold unspecified
+        data (the decode worker frees or recomputes), except after a refusal of the token by a
+        transport that checks it: then not one byte was written. Safe to call from several
+        threads.
       - `close()` stops serving and releases registrations; idempotent.
     """
 
@@ -284,10 +298,29 @@ class KVTransport(ABC):
         self.worker_id = worker_id
         self.config = config or TransportConfig()
         self.spec = KVCacheSpec.from_tensor(kv_cache)
+        self._grants = TransferGrants()
+        """Destination side: the live transfer tokens and their blocks."""
 
     @abstractmethod
     def metadata(self) -> bytes:
         """Bytes a peer passes to write_blocks to write into this worker's KV cache."""
+
+    # ---- destination side: who may write ---------------------------------------------------
+
+    def grant(self, token: str, block_ids: Sequence[int]) -> None:
+        """Let the one transfer carrying `token` write into `block_ids`; see the class."""
+        self._grants.grant(token, block_ids)
+
+    def revoke(self, token: str) -> None:
+        """End `token`'s grant; returns once no write of it is being applied (grants.py)."""
+        self._grants.revoke(token)
+
+    @property
+    def num_grants(self) -> int:
+        """Tokens granted now: 0 at idle, once every transfer has revoked its own."""
+        return len(self._grants)
+
+    # ---- source side ------------------------------------------------------------------------
 
     def write_blocks(
         self,
@@ -295,16 +328,24 @@ class KVTransport(ABC):
         request_id: str,
         src_block_ids: Sequence[int],
         dst_block_ids: Sequence[int],
+        *,
+        token: str,
     ) -> TransferStats:
-        """Write local blocks src_block_ids[i] into the peer's dst_block_ids[i]; see the class."""
+        """Write local blocks src_block_ids[i] into the peer's dst_block_ids[i] under the peer's
+        transfer token; see the class."""
         start = time.perf_counter()
+        if not token:
+            raise TransportError(
+                f"write of {request_id} carries no transfer token: the destination grants one "
+                "per transfer (docs/design.md §11)"
+            )
         peer = self.parse_peer(peer_metadata)
         src, dst = check_block_ids(
             src_block_ids, dst_block_ids, self.spec.num_blocks, peer.spec.num_blocks
         )
         if src.size == 0:
             return TransferStats(0, 0.0)
-        self._write(peer, request_id, src, dst)
+        self._write(peer, request_id, token, src, dst)
         return TransferStats(src.size * self.spec.block_bytes, time.perf_counter() - start)
 
     def parse_peer(self, peer_metadata: bytes) -> PeerInfo:
@@ -314,8 +355,11 @@ class KVTransport(ABC):
         return PeerInfo(str(header.get("worker_id", "")), spec, header, blob)
 
     @abstractmethod
-    def _write(self, peer: PeerInfo, request_id: str, src: Int64Array, dst: Int64Array) -> None:
-        """Move the (validated, non-empty) blocks; raise TransportError on failure."""
+    def _write(
+        self, peer: PeerInfo, request_id: str, token: str, src: Int64Array, dst: Int64Array
+    ) -> None:
+        """Move the (validated, non-empty) blocks under `token` (non-empty); raise
+        TransportError on failure."""
 
     @abstractmethod
     def close(self) -> None:

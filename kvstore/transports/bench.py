@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from baton.kvstore.transports.base import KVTransport, TransportConfig
+from baton.kvstore.transports.grants import new_transfer_token
 from baton.kvstore.transports.registry import create_transport, is_available, transport_names
 
 _LENGTH = struct.Struct("!Q")
@@ -69,6 +70,7 @@ def receiver_main(conn: Connection) -> None:
 
     Commands (tuples) and replies:
       ("open", transport, dtype, shape, seed, timeout_s) -> (handle, metadata bytes)
+      ("grant", handle, token, block_ids) -> None: writes under token may land in block_ids
       ("digest", handle, dst_ids) -> (digest of dst blocks, whether every other block is as
                                       it was when opened)
       ("socket", capacity) -> port of a plain-socket sink
@@ -96,6 +98,10 @@ def _serve_command(
         transport = create_transport(name, kv, f"decode-{len(opened)}", config)
         opened.append((transport, kv.clone()))
         conn.send((len(opened) - 1, transport.metadata()))
+    elif command[0] == "grant":
+        _, handle, token, block_ids = command
+        opened[handle][0].grant(token, block_ids)
+        conn.send(None)
     elif command[0] == "digest":
         _, handle, dst_ids = command
         transport, initial = opened[handle]
@@ -187,6 +193,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             parent.send(("open", name, args.dtype, dst_shape, 2, 60.0))
             handle, metadata = _reply(parent.recv())
+            # One grant for every block and every repeat: the bench times the bytes, not grants.
+            token = new_transfer_token()
+            parent.send(("grant", handle, token, list(range(dst_shape[2]))))
+            _reply(parent.recv())
             kv = random_kv(src_shape, dtype, 3)
             with create_transport(name, kv, "prefill", TransportConfig(timeout_s=60.0)) as sender:
                 for pattern in args.patterns:
@@ -198,7 +208,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             src, dst = list(range(n)), list(range(max_blocks, max_blocks + n))
                         seconds = []
                         for _ in range(args.repeats + 1):
-                            stats = sender.write_blocks(metadata, "bench", src, dst)
+                            stats = sender.write_blocks(metadata, "bench", src, dst, token=token)
                             seconds.append(stats.seconds)
                         parent.send(("digest", handle, dst))
                         digest, _ = _reply(parent.recv())

@@ -13,6 +13,20 @@ Timeouts: the engine's blocking batch write gives up after MC_TRANSFER_TIMEOUT (
 plus a nanosecond per byte; to honour TransportConfig.timeout_s as well, the call runs on a
 helper thread that write_blocks waits on. A write abandoned that way still finishes or fails
 inside the engine; its destination blocks are unspecified, as the transport contract allows.
+
+Transfer tokens (docs/design.md §11) are NOT checked before bytes land. The writes are one-sided:
+the receiving engine places them (RDMA puts, or its TCP transport's C++ server writing straight
+into the registered region) with no baton code on the path, and the P2P handshake that runs
+when a writer first connects is the engine's own, with no hook for a token. write_blocks still
+takes the token (and refuses to start without one), and grant/revoke keep the same bookkeeping
+as everywhere, but the receiver never sees the token. What guards the memory instead is thin:
+the session address and the tensor's base address travel only inside the authenticated Prefill
+RPC (KVDestination), but they are no secret. In "tcp" mode the engine's server takes a raw
+(address, size, opcode) request from any connection and checks at most that the range lies in a
+registered buffer; it serves READs of it as well. In "rdma" mode the region's key comes out of
+the engine's own handshake. Either way, anyone who can reach the engine's ports can read or write
+the registered tensor for its whole life. Where that matters, use the tcp transport (checked per
+write) or keep the engine's ports on a network only the workers reach.
 """
 
 from __future__ import annotations
@@ -79,7 +93,10 @@ class MooncakeTransport(KVTransport):
         }
         return pack_metadata(self.name, header)
 
-    def _write(self, peer: PeerInfo, request_id: str, src: Int64Array, dst: Int64Array) -> None:
+    def _write(
+        self, peer: PeerInfo, request_id: str, token: str, src: Int64Array, dst: Int64Array
+    ) -> None:
+        # token: unused on the wire, see the module docstring; the receiver cannot check it.
         try:
             session = str(peer.header["session"])
             remote_base = int(peer.header["base_addr"])

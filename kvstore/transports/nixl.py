@@ -14,6 +14,19 @@ with numpy in well under a millisecond; runs of chunks adjacent on both sides ar
 per request with initialize_xfer rather than pre-prepped for every block of both tensors (vLLM's
 prep_xfer_dlist scheme), because the peer's tensor can hold millions of chunks and peers come
 and go, while per-request building costs far less than the transfer.
+
+Transfer tokens (docs/design.md §11) are NOT checked before bytes land. A WRITE is one-sided: the
+receiver's CPU runs no baton code between the writer posting it and the bytes being in memory
+(UCX's RDMA puts, CMA's process_vm_writev, shared-memory copies), so there is nothing that could
+look at a token first. write_blocks still takes the token (and refuses to start without one),
+and grant/revoke keep the same bookkeeping as everywhere, but the receiver never sees the token.
+What guards the memory instead: the agent metadata with the memory keys of the registered KV
+tensor travels only inside the authenticated Prefill RPC (KVDestination, §11's cluster token),
+never on a NIXL listener (this agent runs none) or any other port. The keys cover the whole
+tensor for the agent's life, so a writer that once held a destination can write any block of it
+until the decode worker restarts. (On one host, a process the kernel lets ptrace this one can
+write its memory whatever any transport does.) Closing the gap means per-transfer registrations
+whose keys die on revoke, not a token check.
 """
 
 from __future__ import annotations
@@ -120,7 +133,10 @@ class NixlTransport(KVTransport):
         }
         return pack_metadata(self.name, header, self._agent.get_agent_metadata())
 
-    def _write(self, peer: PeerInfo, request_id: str, src: Int64Array, dst: Int64Array) -> None:
+    def _write(
+        self, peer: PeerInfo, request_id: str, token: str, src: Int64Array, dst: Int64Array
+    ) -> None:
+        # token: unused on the wire, see the module docstring; the receiver cannot check it.
         try:
             remote_name = str(peer.header["agent_name"])
             remote_base = int(peer.header["base_addr"])

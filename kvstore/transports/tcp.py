@@ -19,6 +19,16 @@ scattered only after its CRC matched (docs/design.md §4: KV read from anywhere 
 use); a mismatch anywhere fails the whole write, which leaves the destination blocks unspecified,
 as the transport contract allows: the decode worker does not use them until the acknowledgement.
 write_blocks returns after that acknowledgement. CRC32, gather and scatter all release the GIL.
+
+Who may write (docs/design.md §11): the JSON header carries the transfer token. Before it
+scatters anything the receiver checks that the token is granted now and that every destination
+block id is among the ids granted to it; a refused write's payload is read and discarded
+segment by segment into a small scratch buffer (never the KV tensor, never a buffer the size the
+stranger asked for), so the stream stays in sync and the writer gets the reason in the reply.
+Each segment's scatter also runs inside the token's grant (TransferGrants.writing): a revoke
+that lands mid-transfer stops the segments after it and waits for the one being scattered, so
+once revoke() has returned no byte of that transfer is written. This holds against anyone who
+can reach the port but never saw the token: the token travels only inside the Prefill RPC.
 """
 
 from __future__ import annotations
@@ -64,6 +74,8 @@ _SEGMENT_BYTES = 4 << 20
 per-segment Python overhead (a few microseconds) stays far below its ~1 ms on the wire."""
 _SOCKET_BUFFER_BYTES = 4 << 20
 """Large enough to keep a loopback or datacenter pipe full between two sendall slices."""
+_DRAIN_BYTES = 1 << 20
+"""Scratch for reading a refused write's payload: bounded whatever length the writer claimed."""
 
 
 def _tune(sock: socket.socket) -> None:
@@ -89,6 +101,22 @@ def _recv_exact(sock: socket.socket, num_bytes: int) -> bytes:
     buf = bytearray(num_bytes)
     _recv_exact_into(sock, memoryview(buf))
     return bytes(buf)
+
+
+def _drain(sock: socket.socket, payload_len: int) -> None:
+    """Read and discard one payload, segment framing included: a refused write stays in sync."""
+    scratch = memoryview(bytearray(min(payload_len, _DRAIN_BYTES)))
+    offset = 0
+    while offset < payload_len:
+        seg_len, _ = _SEGMENT.unpack(_recv_exact(sock, _SEGMENT.size))
+        if not 0 < seg_len <= payload_len - offset:
+            raise ConnectionError(f"bad segment length {seg_len}")
+        left = seg_len
+        while left:
+            n = min(left, len(scratch))
+            _recv_exact_into(sock, scratch[:n])
+            left -= n
+        offset += seg_len
 
 
 def _as_memoryview(data: torch.Tensor) -> memoryview:
@@ -190,7 +218,9 @@ class TcpTransport(KVTransport):
 
     # ---- prefill side ------------------------------------------------------------------------
 
-    def _write(self, peer: PeerInfo, request_id: str, src: Int64Array, dst: Int64Array) -> None:
+    def _write(
+        self, peer: PeerInfo, request_id: str, token: str, src: Int64Array, dst: Int64Array
+    ) -> None:
         address = (str(peer.header["host"]), int(peer.header["port"]))
         with self._lock:
             if self._closed.is_set():
@@ -207,7 +237,7 @@ class TcpTransport(KVTransport):
             parts = [
                 (out[p0:p1], run(self._gather, p0, p1, index, out[p0:p1])) for p0, p1 in segments
             ]
-            header = {"request_id": request_id, "dst_block_ids": dst.tolist()}
+            header = {"request_id": request_id, "token": token, "dst_block_ids": dst.tolist()}
             body = json.dumps({**header, "spec": self.spec.to_json()}).encode()
             head = _REQUEST.pack(_REQUEST_MAGIC, len(body), out.numel() * out.element_size())
             try:
@@ -305,6 +335,9 @@ class TcpTransport(KVTransport):
                     logger.warning("dropping KV connection: bad frame header")
                     return
                 header = json.loads(_recv_exact(sock, header_len))
+                if not isinstance(header, dict):
+                    logger.warning("dropping KV connection: request header is not an object")
+                    return
                 status, message = self._receive(sock, buffer, header, payload_len)
                 msg = message.encode()
                 sock.sendall(_REPLY.pack(_REPLY_MAGIC, status, len(msg)) + msg)
@@ -317,59 +350,81 @@ class TcpTransport(KVTransport):
     def _receive(
         self, sock: socket.socket, buffer: _ByteBuffer, header: dict[str, Any], payload_len: int
     ) -> tuple[int, str]:
-        """Read one payload; each segment is scattered only once its CRC matched."""
+        """Read one payload; each segment is scattered only once its CRC matched, and only
+        under a granted token (the header is checked before the first byte is read)."""
         if payload_len > self.kv_cache.numel() * self.kv_cache.element_size():
             raise ConnectionError(f"refusing a {payload_len}-byte payload")
-        error = ""
         try:
-            dst = self._check_request(header, payload_len)
-            index = torch.from_numpy(dst).to(self.kv_cache.device)
-            plane_bytes = len(dst) * self.spec.chunk_bytes
+            dst, token = self._check_request(header, payload_len)
         except TransportError as e:
-            error = str(e)  # still read the payload: the stream stays in sync
+            _drain(sock, payload_len)  # into scratch, not the cache: the stream stays in sync
+            return _STATUS_ERROR, str(e)
+        index = torch.from_numpy(dst).to(self.kv_cache.device)
+        plane_bytes = len(dst) * self.spec.chunk_bytes
         data = buffer.take(payload_len)
         view = _as_memoryview(data)
-        checks: list[Future[bool]] = []
+        checks: list[Future[str]] = []
         offset = 0
         while offset < payload_len:
             seg_len, crc = _SEGMENT.unpack(_recv_exact(sock, _SEGMENT.size))
             if not 0 < seg_len <= payload_len - offset:
                 raise ConnectionError(f"bad segment length {seg_len}")
+            if offset % plane_bytes or seg_len % plane_bytes:
+                raise ConnectionError("segment does not cover whole (layer, K/V) planes")
             _recv_exact_into(sock, view[offset : offset + seg_len])
-            if not error:
-                if offset % plane_bytes or seg_len % plane_bytes:
-                    raise ConnectionError("segment does not cover whole (layer, K/V) planes")
-                segment = data[offset : offset + seg_len]
-                p0 = offset // plane_bytes
-                run = _run_inline if seg_len == payload_len else self._pool.submit
-                checks.append(run(self._scatter, segment, crc, p0, index))
+            segment = data[offset : offset + seg_len]
+            p0 = offset // plane_bytes
+            run = _run_inline if seg_len == payload_len else self._pool.submit
+            checks.append(run(self._scatter, segment, crc, p0, index, token))
             offset += seg_len
-        if not all([check.result() for check in checks]):  # a list: wait for every scatter
-            error = f"checksum mismatch in request {header.get('request_id')}"
-        return (_STATUS_ERROR, error) if error else (_STATUS_OK, "")
+        errors = [check.result() for check in checks]  # every scatter has ended
+        error = next((e for e in errors if e), "")
+        if error:
+            return _STATUS_ERROR, f"{error} in request {header.get('request_id')}"
+        return _STATUS_OK, ""
 
-    def _scatter(self, segment: torch.Tensor, crc: int, p0: int, index: torch.Tensor) -> bool:
+    def _scatter(
+        self, segment: torch.Tensor, crc: int, p0: int, index: torch.Tensor, token: str
+    ) -> str:
+        """Check one segment and write it into the cache; why not ("" when written)."""
         if zlib.crc32(_as_memoryview(segment)) != crc:
-            return False
-        shape = (-1, len(index), *self.spec.block_shape)
-        blocks = segment.view(self.kv_cache.dtype).view(shape).to(self.kv_cache.device)
-        self._planes[p0 : p0 + blocks.shape[0]].index_copy_(1, index, blocks)
-        return True
+            return "checksum mismatch"
+        with self._grants.writing(token) as granted:
+            if not granted:
+                return "transfer token was revoked during the write"
+            shape = (-1, len(index), *self.spec.block_shape)
+            blocks = segment.view(self.kv_cache.dtype).view(shape).to(self.kv_cache.device)
+            self._planes[p0 : p0 + blocks.shape[0]].index_copy_(1, index, blocks)
+        return ""
 
-    def _check_request(self, header: dict[str, Any], payload_len: int) -> Int64Array:
-        """The receiver trusts nothing: re-check spec, ids and size against its own tensor."""
+    def _check_request(self, header: dict[str, Any], payload_len: int) -> tuple[Int64Array, str]:
+        """The receiver trusts nothing: check the token's grant, then re-check spec, ids and
+        size against its own tensor. Returns the destination ids and the token."""
+        token = header.get("token")
+        if not isinstance(token, str):
+            token = ""  # refused just below as carrying no token
+        # Strangers first: a write without a granted token learns nothing about the ids.
+        refusal = self._grants.refusal(token, ())
+        if refusal is not None:
+            raise TransportError(refusal)
+        try:
+            ids = header["dst_block_ids"]
+            # The same ids on both sides: checks range and duplicates against our own tensor.
+            _, dst = check_block_ids(ids, ids, self.spec.num_blocks, self.spec.num_blocks)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise TransportError(f"malformed request header: {e!r}") from e
+        refusal = self._grants.refusal(token, dst.tolist())
+        if refusal is not None:
+            raise TransportError(refusal)
         try:
             self.spec.check_peer(KVCacheSpec.from_json(header["spec"]))
-            ids = header["dst_block_ids"]
         except (KeyError, TypeError) as e:
-            raise TransportError(f"malformed request header: {e}") from e
-        # The same ids on both sides: checks range and duplicates against our own tensor.
-        _, dst = check_block_ids(ids, ids, self.spec.num_blocks, self.spec.num_blocks)
+            raise TransportError(f"malformed request header: {e!r}") from e
         if len(dst) == 0 or payload_len != len(dst) * self.spec.block_bytes:
             raise TransportError(
                 f"payload of {payload_len} bytes for {len(dst)} blocks of {self.spec.block_bytes}"
             )
-        return dst
+        return dst, token
 
     def close(self) -> None:
         with self._lock:

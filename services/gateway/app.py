@@ -2,27 +2,33 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (API key required when
 keys are configured), GET /health (200 when the backend can take requests, else 503), GET
-/metrics (Prometheus text). Every response carries X-Request-Id: the client's, or one made
-here; response bodies' ids derive from it, so a client's log line finds the gateway's.
+/metrics (Prometheus text), GET /openapi.json. Every response carries X-Request-Id: the
+client's, or one made here; response bodies' ids derive from it, so a client's log line finds
+the gateway's. GatewayLimits' admission limit and body deadline wrap the routes
+(http_limits.py).
 
 Bodies are parsed here rather than by FastAPI's body binding, so that invalid UTF-8 and
 malformed JSON are told apart and reported (400) in OpenAI's error shape like everything else.
+The OpenAPI schema still describes them: the request models' JSON schemas are put in by hand
+(`openapi_extra`, `GatewayAPI`), so clients and schema fuzzers see real request bodies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from baton.services.engine.tokenizer import Tokenizer
@@ -36,6 +42,8 @@ from baton.services.gateway.errors import (
     payload_too_large,
     unauthorized,
 )
+from baton.services.gateway.http_limits import AdmissionMiddleware, BodyTimeoutMiddleware
+from baton.services.gateway.limits import GatewayLimits
 from baton.services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -122,6 +130,8 @@ def decode_json_object(raw: bytes) -> dict[str, object]:
         raise bad_request(f"Invalid JSON body: {e.msg} (line {e.lineno}, column {e.colno}).") from e
     except RecursionError as e:
         raise bad_request("The JSON body is nested too deeply.") from e
+    except ValueError as e:  # an integer past Python's int_max_str_digits (4300 by default)
+        raise bad_request("Invalid JSON body: a number has too many digits.") from e
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.")
     try:
@@ -161,6 +171,34 @@ def max_body_bytes(max_model_len: int) -> int:
     return max_model_len * 64 + 1024**2
 
 
+@functools.cache
+def request_schemas() -> dict[str, Any]:
+    """The request models' JSON schemas (and those they use), keyed as OpenAPI components."""
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (ChatCompletionRequest, "validation"),
+        (CompletionRequest, "validation"),
+    ]
+    _, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    return dict(top["$defs"])
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """A route's `openapi_extra` describing its (hand-parsed) JSON body as `model`."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+class GatewayAPI(FastAPI):
+    """FastAPI whose OpenAPI schema also holds the request models `json_body` refers to."""
+
+    def openapi(self) -> dict[str, Any]:
+        schema = super().openapi()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, model_schema in request_schemas().items():
+            components.setdefault(name, model_schema)
+        return schema
+
+
 def build_app(
     backend: Backend,
     tokenizer: Tokenizer,
@@ -168,14 +206,19 @@ def build_app(
     max_model_len: int,
     api_keys: Sequence[str] = (),
     metrics: Metrics | None = None,
+    limits: GatewayLimits | None = None,
 ) -> FastAPI:
     """The gateway app for one model served by `backend`.
 
     metrics: where request-level series go (and what /metrics renders); None makes a private
     registry, so several apps (or tests) can live in one process.
+    limits: admission and the body deadline (the head's limits are the HTTP server's:
+    http_limits.server_config); None: GatewayLimits' defaults.
     """
     if metrics is None:
         metrics = Metrics(CollectorRegistry(), model_id, role="gateway")
+    limits = limits or GatewayLimits()
+    rejected = metrics.request_rejected("max_concurrent_requests")  # exposed at zero from now
     serving = Serving(backend, tokenizer, model_id, max_model_len, metrics)
     body_cap = max_body_bytes(max_model_len)
     keys = [k.encode() for k in api_keys if k]
@@ -191,20 +234,24 @@ def build_app(
         if not any([hmac.compare_digest(given, k) for k in keys]):
             raise unauthorized("Incorrect API key provided.")
 
-    app = FastAPI(title="baton gateway", docs_url=None, redoc_url=None)
+    app = GatewayAPI(title="baton gateway", docs_url=None, redoc_url=None)
     errors.install(app)
+    # Innermost first: the body deadline, admission, then the request id around both, so
+    # their refusals carry X-Request-Id too.
+    app.add_middleware(BodyTimeoutMiddleware, limits=limits)
+    app.add_middleware(AdmissionMiddleware, limits=limits, on_reject=rejected.inc)
     app.add_middleware(RequestIdMiddleware)
     app.state.serving = serving
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         req = await parse_body(request, ChatCompletionRequest, body_cap)
         return await create_chat_completion(
             serving, req, request, _request_id(request), _arrival_s(request)
         )
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest, body_cap)
         return await create_completion(

@@ -8,12 +8,18 @@ AuthenticationError, NotFoundError, RateLimitError, InternalServerError):
          prompt too long (param names the offending field where known)
     401  missing or wrong API key
     404  unknown model or route
-    429  BackendOverloaded: workers are up but their queues are full (Retry-After)
+    408  a request head or body that stalled (http_limits.py; the connection is closed)
+    413  a body over the cap
+    429  too many requests in flight at the gateway (GatewayLimits), or BackendOverloaded:
+         workers are up but their queues are full (Retry-After either way)
+    431  a request head over GatewayLimits.max_header_bytes (http_limits.py)
     503  BackendUnavailable: no worker can take the request now (Retry-After)
     500  anything else (the message is generic; the traceback goes to the log)
 
-Handlers raise; nothing else in the gateway builds an error response. Mid-stream errors (after
-the 200 went out) use the same body as one SSE event (streaming.py calls `error_body`).
+Handlers raise; nothing else in the gateway builds an error body. Mid-stream errors (after
+the 200 went out) use the same body as one SSE event (streaming.py calls `error_body`); the
+HTTP limits that answer below the handlers (http_limits.py: admission, timeouts, oversize
+heads) send the same body too (`plain_error_response`, `error_json`).
 """
 
 from __future__ import annotations
@@ -77,6 +83,29 @@ def payload_too_large(max_bytes: int) -> APIError:
         413,
         f"The request body is larger than this server accepts ({max_bytes} bytes).",
         code="request_too_large",
+    )
+
+
+def too_many_requests(limit: int, retry_after_s: int) -> APIError:
+    return APIError(
+        429,
+        f"The gateway is at its limit of {limit} requests in flight; retry later.",
+        type="rate_limit_error",
+        code="too_many_requests",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def request_timeout(message: str) -> APIError:
+    """408: the client stalled; the connection is closed with it (its rest is not awaited)."""
+    return APIError(408, message, code="request_timeout", headers={"Connection": "close"})
+
+
+def header_too_large(max_bytes: int) -> APIError:
+    return APIError(
+        431,
+        f"The request head is larger than this server accepts ({max_bytes} bytes).",
+        code="request_header_fields_too_large",
     )
 
 
@@ -183,6 +212,17 @@ def error_body(err: APIError) -> dict[str, Any]:
     return {
         "error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
     }
+
+
+def error_json(err: APIError) -> bytes:
+    """err's body as bytes, for the layers below the app (the HTTP protocol, middlewares)."""
+    return json.dumps(error_body(err)).encode()
+
+
+def plain_error_response(err: APIError) -> JSONResponse:
+    """err as a response, for ASGI middlewares that answer without a Request (the request-id
+    middleware around them adds X-Request-Id)."""
+    return JSONResponse(error_body(err), status_code=err.status_code, headers=err.headers)
 
 
 def error_event(exc: BaseException) -> bytes:

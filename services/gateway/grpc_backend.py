@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -20,6 +22,7 @@ from baton.proto import worker_pb2 as pb
 from baton.router.policy import NoWorkerAvailable, WorkerLoad
 from baton.router.registry import WorkerInfo
 from baton.router.router import Router
+from baton.services.cluster_auth import REDIS_URL_ENV, cluster_token_from_env
 from baton.services.engine.sequence_ids import parse_sequence_id
 from baton.services.gateway.backend import (
     Backend,
@@ -44,11 +47,21 @@ class GrpcBackend(Backend):
         model: str | None = None,
         policy: str = "least_load",
         deadlines: StreamDeadlines | None = None,
+        token: str | None = None,
     ):
+        """redis_url: the registry ("": $BATON_REDIS_URL). token: the cluster token (None:
+        $BATON_CLUSTER_TOKEN), sent on every call and only to workers whose registry entry
+        proves it (services/cluster_auth.py)."""
         self.deadlines = deadlines or StreamDeadlines()
+        redis_url = redis_url or os.environ.get(REDIS_URL_ENV, "")
+        if not redis_url:
+            raise ValueError(f"no Redis for the registry: give its URL or set ${REDIS_URL_ENV}")
         self._redis = Redis.from_url(redis_url)
-        self._channels = ChannelPool()
-        self.router = Router(self._redis, self._fetch_load, model=model, policy=policy)
+        if token is None:
+            token = cluster_token_from_env()
+        caller = f"gateway-{socket.gethostname()}-{os.getpid()}"
+        self._channels = ChannelPool(token=token, caller=caller)
+        self.router = Router(self._redis, self._fetch_load, model=model, policy=policy, token=token)
         self._owners: dict[str, str] = {}
         """request id → address of the decode worker serving it (for abort)."""
         self._started = False
@@ -68,6 +81,7 @@ class GrpcBackend(Backend):
             num_running=s.num_running,
             num_waiting=s.num_waiting,
             kv_cache_usage=s.kv_cache_usage,
+            draining=s.draining,
         )
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:

@@ -13,6 +13,8 @@ from baton.services.engine.loader.model_info import load_model_info
 from baton.services.gateway.app import build_app
 from baton.services.gateway.deadlines import StreamDeadlines
 from baton.services.gateway.grpc_backend import GrpcBackend
+from baton.services.gateway.http_limits import server_config
+from baton.services.gateway.limits import GatewayLimits
 from baton.services.metrics import Metrics
 
 logger = logging.getLogger("baton.gateway")
@@ -20,6 +22,9 @@ logger = logging.getLogger("baton.gateway")
 API_KEYS_ENV = "BATON_API_KEYS"
 """Accepted Bearer keys, comma-separated: how `baton serve` hands them to its gateway (a
 command line is visible to every user of the machine; an environment is not)."""
+API_KEY_ENV = "BATON_API_KEY"
+"""One accepted Bearer key, taken whole (the singular name users of OpenAI's SDK expect, as
+its OPENAI_API_KEY)."""
 
 
 def join_api_keys(keys: Sequence[str]) -> str:
@@ -30,8 +35,10 @@ def join_api_keys(keys: Sequence[str]) -> str:
 
 
 def api_keys_from_env(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
-    """The keys in $BATON_API_KEYS (unset or empty: none)."""
-    return tuple(k.strip() for k in environ.get(API_KEYS_ENV, "").split(",") if k.strip())
+    """The keys in $BATON_API_KEYS and $BATON_API_KEY, without repeats (unset or empty: none)."""
+    keys = [k.strip() for k in environ.get(API_KEYS_ENV, "").split(",")]
+    keys.append(environ.get(API_KEY_ENV, "").strip())
+    return tuple(dict.fromkeys(k for k in keys if k))
 
 
 def run_gateway(
@@ -42,8 +49,11 @@ def run_gateway(
     api_keys: Sequence[str] = (),
     policy: str = "least_load",
     deadlines: StreamDeadlines | None = None,
+    limits: GatewayLimits | None = None,
 ) -> None:
-    """Serve the OpenAI API; api_keys and those in $BATON_API_KEYS are accepted."""
+    """Serve the OpenAI API; api_keys and those in $BATON_API_KEYS / $BATON_API_KEY are
+    accepted. limits: what a client may ask of the HTTP front (None: the defaults)."""
+    limits = limits or GatewayLimits()
     api_keys = (*api_keys, *api_keys_from_env())
     info = load_model_info(model)
     if info.tokenizer is None:
@@ -60,6 +70,10 @@ def run_gateway(
         info.max_position_embeddings,
         api_keys=tuple(api_keys),
         metrics=metrics,
+        limits=limits,
     )
-    logger.info("gateway for %s on http://%s:%d", info.model_id, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    logger.info("gateway for %s on http://%s:%d (%s)", info.model_id, host, port, limits)
+    server = uvicorn.Server(server_config(app, host, port, limits))
+    server.run()
+    if not server.started:
+        raise SystemExit(f"the gateway could not start on {host}:{port}")

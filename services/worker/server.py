@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import time
@@ -21,6 +22,7 @@ from redis.asyncio import Redis
 
 from baton.proto import worker_pb2_grpc as pb_grpc
 from baton.router.registry import WorkerInfo, WorkerRegistration
+from baton.services.cluster_auth import REDIS_URL_ENV, cluster_token_from_env, server_interceptors
 from baton.services.engine.async_engine import AsyncEngine
 from baton.services.engine.config import EngineConfig
 from baton.services.engine.llm_engine import LLMEngine
@@ -46,13 +48,18 @@ class WorkerConfig:
     role: str = field(default="mixed", metadata={"choices": ("prefill", "decode", "mixed")})
     """"prefill" (prompts; hands the KV on), "decode" (takes the KV over) or "mixed" (both)."""
     host: str = "127.0.0.1"
-    """Address the gRPC server binds and announces."""
+    """Address the gRPC server, the /metrics endpoint and the KV listener bind (cluster-internal:
+    keep it off public interfaces)."""
+    advertise_host: str = ""
+    """Address announced in the registry; empty: `host`, or this machine's address when `host`
+    is 0.0.0.0."""
     port: int = 0
     """gRPC port; 0 picks a free one (announced through the registry)."""
     worker_id: str = ""
     """Empty: "<role>-<host>-<random>"."""
     redis_url: str = ""
-    """Empty: do not register (a worker used directly, e.g. in tests)."""
+    """The registry (may carry a password: prefer $BATON_REDIS_URL, which is used when this is
+    empty); neither: do not register (a worker used directly, e.g. in tests)."""
     # the names of kvstore/transports/registry.py (tests/unit/test_cli_flags.py checks they agree)
     transport: str = field(default="tcp", metadata={"choices": ("tcp", "nixl", "mooncake")})
     """KV transport for the prefill → decode handoff."""
@@ -62,7 +69,10 @@ class WorkerConfig:
     """Conditional disaggregation: a prompt missing fewer tokens than this (after the prefix
     cache) is prefilled on the decode worker, not handed to a prefill worker."""
     max_queued_requests: int = 256
-    """Refuse new requests (HTTP 429) while this many wait to be admitted."""
+    """Refuse new requests (HTTP 429) while this many wait to be admitted (shared fairly among
+    callers once half full: services/worker/admission.py)."""
+    max_n: int = 128
+    """Most sequences one request may ask for."""
     drain_timeout_s: float = 30.0
     """On SIGTERM: how long running requests may take to finish before the worker stops."""
     registry_ttl_s: float = 6.0
@@ -90,6 +100,7 @@ class Worker:
                     worker_id=self.worker_id,
                     transport=self.config.transport,
                     min_tokens=self.config.remote_prefill_min_tokens,
+                    transport_host=self.config.host,
                 )
             )
         llm = await asyncio.to_thread(
@@ -107,13 +118,16 @@ class Worker:
                 role=self.config.role,
                 model_id=llm.model_id,
                 max_queued_requests=self.config.max_queued_requests,
+                max_n=self.config.max_n,
             ),
             self.connector,
         )
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        token = cluster_token_from_env()
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=server_interceptors(token))
         pb_grpc.add_WorkerServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
         port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        self.address = f"{self.config.host}:{port}"
+        advertised = advertise_host(self.config)
+        self.address = f"{advertised}:{port}"
         await self.server.start()
         self.registry = CollectorRegistry()
         self.feed = WorkerMetricsFeed(self.registry, llm.model_id, self.config.role)
@@ -127,8 +141,9 @@ class Worker:
             )
             self.metrics_port = server.server_port
         self.registration: WorkerRegistration | None = None
-        if self.config.redis_url:
-            self.redis = Redis.from_url(self.config.redis_url)
+        redis_url = self.config.redis_url or os.environ.get(REDIS_URL_ENV, "")
+        if redis_url:
+            self.redis = Redis.from_url(redis_url)
             info = WorkerInfo(
                 worker_id=self.worker_id,
                 address=self.address,
@@ -138,10 +153,8 @@ class Worker:
                 block_size=llm.core.block_size,
                 transport=self.config.transport,
                 started_unix_s=time.time(),
-                metrics_address=(
-                    f"{self.config.host}:{self.metrics_port}" if self.metrics_port else ""
-                ),
-            )
+                metrics_address=f"{advertised}:{self.metrics_port}" if self.metrics_port else "",
+            ).signed(token)
             self.registration = WorkerRegistration(self.redis, info, self.config.registry_ttl_s)
             await self.registration.start()
         logger.info("worker %s (%s) serving on %s", self.worker_id, self.config.role, self.address)
@@ -172,6 +185,15 @@ class Worker:
         if self.registration is not None:
             await self.redis.aclose()
         logger.info("worker %s stopped", self.worker_id)
+
+
+def advertise_host(config: WorkerConfig) -> str:
+    """The address peers reach this worker at (see WorkerConfig.advertise_host)."""
+    if config.advertise_host:
+        return config.advertise_host
+    if config.host in ("", "0.0.0.0"):
+        return socket.gethostbyname(socket.gethostname())
+    return config.host
 
 
 async def run_worker(config: WorkerConfig, engine_config: EngineConfig) -> None:

@@ -22,8 +22,11 @@ import grpc
 
 from baton.proto import worker_pb2 as pb
 from baton.proto import worker_pb2_grpc as pb_grpc
+from baton.services.cluster_auth import CALLER_METADATA_KEY
 from baton.services.engine.async_engine import AsyncEngine
+from baton.services.engine.sampling_params import SamplingParams
 from baton.services.wire import delta_to_pb, logprob_to_pb, params_from_pb
+from baton.services.worker.admission import Admission
 from baton.services.worker.connectors.remote_prefill import (
     Handoff,
     PullFromPrefill,
@@ -48,7 +51,11 @@ class ServiceConfig:
     """"prefill" | "decode" | "mixed"."""
     model_id: str = ""
     max_queued_requests: int = 256
-    """Refuse new requests (RESOURCE_EXHAUSTED → HTTP 429) while this many wait to be admitted."""
+    """Refuse a request (RESOURCE_EXHAUSTED → HTTP 429) whose sequences would make more than
+    this many wait to be admitted; past half of it, also one from a caller that holds more than
+    its fair share of the worker's sequences (callers: cluster_auth.CALLER_METADATA_KEY)."""
+    max_n: int = 128
+    """Most sequences one request may ask for (the gateway's limit too)."""
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -63,6 +70,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.connector = connector
         self.draining = False
         self.observer: WorkerObserver | None = None
+        self.admission = Admission(config.max_queued_requests)
 
     # ---- Generate --------------------------------------------------------------------------
 
@@ -71,15 +79,33 @@ class WorkerService(pb_grpc.WorkerServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
-        if self.engine.stats().num_waiting >= self.config.max_queued_requests:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.config.max_queued_requests} requests are already queued on this worker",
-            )
         try:
             params = params_from_pb(request.params)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if params.n > self.config.max_n:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"n must be between 1 and {self.config.max_n}, got {params.n}",
+            )
+        caller = _caller(context)
+        stats = self.engine.stats()  # the engine thread's last snapshot; admitted since: held
+        waiting = max(stats.num_waiting, self.admission.total - stats.num_running)
+        refusal = self.admission.refusal(caller, params.n, waiting)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        self.admission.add(caller, params.n)
+        try:
+            async for msg in self._generate(request, params):
+                yield msg
+        except ValueError as e:  # raised before the first message: a request the engine refuses
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            self.admission.remove(caller, params.n)
+
+    async def _generate(
+        self, request: pb.GenerateRequest, params: SamplingParams
+    ) -> AsyncIterator[pb.GenerateResponse]:
         source = None
         if request.HasField("prefill") and request.prefill.address and self.connector:
             source = PullFromPrefill(request.prefill.address, request.params, request.cache_salt)
@@ -112,8 +138,6 @@ class WorkerService(pb_grpc.WorkerServicer):
                 if self.observer is not None:
                     self.observer.on_tokens(sum(len(o.new_token_ids) for o in outs))
                 yield msg
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             self._take_handoff(request.request_id)
 
@@ -216,7 +240,17 @@ class WorkerService(pb_grpc.WorkerServicer):
             kv_cache_usage=s.kv_cache_usage,
             num_kv_blocks=s.num_kv_blocks,
             num_free_kv_blocks=round((1.0 - s.kv_cache_usage) * s.num_kv_blocks),
+            draining=self.draining,
         )
+
+
+def _caller(context: grpc.aio.ServicerContext) -> str:
+    """Who calls: the caller id the cluster's clients send, else the peer's host."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CALLER_METADATA_KEY:
+            return str(value)
+    peer: str = context.peer() or ""
+    return peer.rpartition(":")[0] or peer
 
 
 def _ttft(

@@ -21,6 +21,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from baton import LLM, SamplingParams
+from baton.services.cluster_auth import TOKEN_METADATA_KEY
 from baton.services.launcher import Cluster, ServeConfig
 from baton.services.redis_server import free_port
 
@@ -55,11 +56,6 @@ def _cluster(transport: str, colocated: bool = False) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def tcp_cluster() -> Iterator[Cluster]:
-    yield from _cluster("tcp")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +122,9 @@ def _wait_idle(
         loads = []
         for w in [w for w in cluster.workers if w.role in roles]:
             with grpc.insecure_channel(w.address) as ch:
-                loads.append(pbg.WorkerStub(ch).GetLoadStats(pb.LoadStatsRequest(), timeout=2))
+                stub = pbg.WorkerStub(ch)
+                token = (TOKEN_METADATA_KEY, cluster.token)
+                loads.append(stub.GetLoadStats(pb.LoadStatsRequest(), timeout=2, metadata=[token]))
         if all(s.num_running == 0 and s.num_waiting == 0 and s.kv_cache_usage == 0 for s in loads):
             return
         last = loads

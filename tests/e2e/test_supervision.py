@@ -1,21 +1,25 @@
-"""`baton serve` survives its workers: kill -9 under load, restart, traffic again, Ctrl-C.
+"""`baton serve` survives its workers and its Redis: kill -9 under load, restart, Ctrl-C.
 
-One real `baton serve` (workers prefill-0, decode-1, decode-2; real Redis, real gRPC) under a
-steady load of streaming completions from the official `openai` client. A decode worker and
-then the prefill worker are killed with SIGKILL: the cluster keeps serving, only requests in
-flight on the killed decode worker may fail (each with a clean error, none hangs), the worker
-comes back under the same id and serves again. Then a terminal's Ctrl-C, twice: SIGINT to the
-whole foreground process group stops everything and frees the port.
+One real `baton serve` (workers prefill-0, decode-1, decode-2; real Redis, real gRPC), its API
+on 0.0.0.0 behind a key given in $BATON_API_KEY, under a steady load of streaming completions
+from the official `openai` client. A decode worker and then the prefill worker are killed with
+SIGKILL: the cluster keeps serving, only requests in flight on the killed decode worker may
+fail (each with a clean error, none hangs), the worker comes back under the same id and serves
+again. Redis is killed five times in a row: nothing is lost. Then a terminal's Ctrl-C, twice:
+SIGINT to the whole foreground process group stops everything and frees the port.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ pytestmark = pytest.mark.slow
 
 CONCURRENCY = 4
 INTER_TOKEN_S = 3.0
+API_KEY = "sk-supervision-test-key"
 
 
 @dataclass
@@ -41,8 +46,9 @@ class Serve:
     log_dir: Path
     redis_url: str = ""
 
-    def worker_pid(self, worker_id: str) -> int:
-        """The live child of this serve running `baton worker --worker-id worker_id`."""
+    def children(self) -> dict[int, list[bytes]]:
+        """pid → argv of every live child of this serve."""
+        found = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -51,13 +57,20 @@ class Serve:
                 ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            if (
-                ppid == self.proc.pid
-                and b"--worker-id" in argv
-                and argv[argv.index(b"--worker-id") + 1].decode() == worker_id
-            ):
-                return int(entry.name)
+            if ppid == self.proc.pid:
+                found[int(entry.name)] = argv
+        return found
+
+    def worker_pid(self, worker_id: str) -> int:
+        """The live child of this serve running `baton worker --worker-id worker_id`."""
+        for pid, argv in self.children().items():
+            flag = b"--worker-id"
+            if flag in argv and argv[argv.index(flag) + 1] == worker_id.encode():
+                return pid
         raise LookupError(worker_id)
+
+    def redis_pid(self) -> int:
+        return next(p for p, argv in self.children().items() if b"redis-server" in argv[0])
 
     def readies(self, role: str, index: int) -> int:
         log = self.log_dir / f"worker-{role}-{index}.log"
@@ -80,10 +93,14 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
         "--device", "cpu", "--dtype", "float32", "--kv-cache-memory-mb", "96",
         "--remote-prefill-min-tokens", "4", "--log-dir", str(log_dir),
         "--first-token-timeout-s", "20", "--inter-token-timeout-s", str(INTER_TOKEN_S),
+        "--host", "0.0.0.0",
     ]  # fmt: skip
     out = open(log_dir / "serve.out", "wb")  # noqa: SIM115 (closed at teardown)
+    env = dict(os.environ, BATON_API_KEY=API_KEY)
     # Its own process group, like a shell's foreground job: Ctrl-C goes to the whole group.
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
     s = Serve(proc, f"http://127.0.0.1:{port}", log_dir)
     try:
         deadline = time.monotonic() + 300
@@ -92,8 +109,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
             assert time.monotonic() < deadline, "serve did not start"
             time.sleep(0.5)
         gateway_log = (log_dir / "gateway.log").read_text()
-        cmdline = Path(f"/proc/{s.worker_pid('decode-1')}/cmdline").read_bytes().split(b"\0")
-        s.redis_url = cmdline[cmdline.index(b"--redis-url") + 1].decode()
+        s.redis_url = _environ(s.worker_pid("decode-1"))["BATON_REDIS_URL"]
         assert "gateway for" in gateway_log
         yield s
     finally:
@@ -121,7 +137,7 @@ class Load:
         return self
 
     def _run(self, i: int) -> None:
-        client = OpenAI(base_url=f"{self.url}/v1", api_key="x", timeout=60.0, max_retries=0)
+        client = OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, timeout=60.0, max_retries=0)
         n = 0
         while not self.stop.is_set():
             n += 1
@@ -150,6 +166,34 @@ class Load:
         for t in self.threads:
             t.join(90)
             assert not t.is_alive(), "a request hung"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def _listening(pid: int) -> set[str]:
+    """host:port of every TCP socket the process listens on (its fds matched to /proc/net)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                host_hex, port_hex = cols[1].split(":")
+                raw = bytes.fromhex(host_hex)  # 32-bit words in host (little-endian) order
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                host = ipaddress.ip_address(words)
+                if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped:
+                    host = host.ipv4_mapped
+                found.add(f"{host}:{int(port_hex, 16)}")
+    return found
 
 
 def _generation_tokens(metrics_address: str) -> float:
@@ -222,6 +266,51 @@ def test_a_frozen_decode_worker_costs_at_most_its_streams_and_is_probed_back(
         load.wait_for(load.ok + 2)
     load.finish()
     assert serve.proc.poll() is None
+
+
+def test_only_the_api_is_public_and_no_secret_is_on_a_command_line(serve: Serve) -> None:
+    port = int(serve.url.rsplit(":", 1)[1])
+    children = serve.children()
+    gateway = next(p for p, argv in children.items() if b"gateway" in argv)
+    assert f"0.0.0.0:{port}" in _listening(gateway)
+    secrets = [API_KEY, _environ(gateway)["BATON_CLUSTER_TOKEN"]]
+    secrets.append(serve.redis_url.split("@")[0].rsplit(":", 1)[1])  # the Redis password
+    assert all(len(s) >= 16 for s in secrets)
+    for pid in [*children, serve.proc.pid]:
+        line = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert not any(s.encode() in line for s in secrets), line
+        if pid not in (gateway, serve.proc.pid):  # workers and Redis: loopback only
+            listening = _listening(pid)
+            assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{serve.url}/v1/models", timeout=5)
+    assert err.value.code == 401
+
+
+def test_redis_killed_five_times_in_a_row_loses_nothing(serve: Serve) -> None:
+    load = Load(serve.url).start()
+    load.wait_for(load.ok + 4)
+    failed_before = len(load.failed)
+    for _ in range(5):
+        old = serve.redis_pid()
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:  # serve brings it back on its port, with its password
+            assert time.monotonic() < deadline, "Redis was not restarted"
+            with contextlib.suppress(Exception), Redis.from_url(serve.redis_url) as r:
+                if r.ping() and serve.redis_pid() != old:
+                    break
+            time.sleep(0.1)
+        load.wait_for(load.ok + 3)  # requests complete while the registry is rebuilt
+    deadline = time.monotonic() + 30
+    with Redis.from_url(serve.redis_url) as r:
+        while len(r.keys("baton:worker:*")) < 3:  # every worker re-registered
+            assert time.monotonic() < deadline, r.keys("baton:worker:*")
+            time.sleep(0.2)
+    load.wait_for(load.ok + 4)
+    load.finish()
+    assert load.failed[failed_before:] == []
+    assert (serve.log_dir / "serve.out").read_text().count("redis-server exited") >= 5
 
 
 def test_ctrl_c_twice_stops_every_process_and_frees_the_port(serve: Serve) -> None:

@@ -7,7 +7,6 @@ API keys, and two over fake backends that fail the way an overloaded or empty cl
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,6 +30,7 @@ from baton.services.gateway.backend import (
     BackendUnavailable,
 )
 from baton.services.local_backend import LocalBackend
+from baton.services.redis_server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -88,12 +88,6 @@ class Gateway:
         self.backend.call_threadsafe(lambda core: core.check_integrity(expect_idle=True))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def gw() -> Iterator[Gateway]:
     backend = LocalBackend.create(dtype="float32", max_model_len=MAX_MODEL_LEN)
@@ -112,7 +106,7 @@ def gw() -> Iterator[Gateway]:
             Mount("/", app_over(backend)),
         ]
     )
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(root, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

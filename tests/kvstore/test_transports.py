@@ -3,7 +3,9 @@
 The oracle is the source tensor itself: after write_blocks, the destination's blocks dst[i]
 equal the source's src[i] in every layer, K and V, and every other destination block is as it
 was. Data is random (never zeros), ids shuffled and non-contiguous, the two tensors of different
-num_blocks. No mocks: real sockets, real NIXL/UCX, real Mooncake where it is installed.
+num_blocks. No mocks: real sockets, real NIXL/UCX, real Mooncake where it is installed. Every
+write here is under a token its destination granted for all its blocks; what a token refuses is
+tested in test_transfer_tokens.py.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import torch
 
 from baton.kvstore.transports.base import (
     KVCacheSpec,
+    KVTransport,
     TransportConfig,
     TransportError,
     block_chunk_offsets,
     coalesce_chunks,
 )
 from baton.kvstore.transports.bench import block_digest, random_kv, receiver_main
+from baton.kvstore.transports.grants import new_transfer_token
 from baton.kvstore.transports.registry import create_transport, is_available, transport_names
 from baton.kvstore.transports.tcp import TcpTransport
 
@@ -53,6 +57,13 @@ def _shape(layout: tuple[int, ...], num_blocks: int) -> tuple[int, ...]:
 def _ids(rng: np.random.Generator, num_blocks: int, n: int) -> list[int]:
     ids: list[int] = rng.permutation(num_blocks)[:n].tolist()
     return ids
+
+
+def _grant_all(receiver: KVTransport) -> str:
+    """A fresh token that receiver lets into every one of its blocks."""
+    token = new_transfer_token()
+    receiver.grant(token, range(receiver.spec.num_blocks))
+    return token
 
 
 def _check_written(
@@ -104,17 +115,18 @@ def test_write_in_process(name: str, dtype: torch.dtype) -> None:
         create_transport(name, src_kv, "prefill", FAST) as sender,
         create_transport(name, dst_kv, "decode", FAST) as receiver,
     ):
+        token = _grant_all(receiver)
         src, dst = _ids(rng, 40, 13), _ids(rng, 57, 13)
-        stats = sender.write_blocks(receiver.metadata(), "req-1", src, dst)
+        stats = sender.write_blocks(receiver.metadata(), "req-1", src, dst, token=token)
         _check_written(src_kv, dst_kv, before, src, dst)
         assert stats.num_bytes == 13 * sender.spec.block_bytes and stats.seconds > 0
         # A second request to the same peer reuses its connection / remote agent.
         before = dst_kv.clone()
         src2 = [1, 2, 3, 39]
         dst2 = [d for d in range(57) if d not in dst][:4]
-        sender.write_blocks(receiver.metadata(), "req-2", src2, dst2)
+        sender.write_blocks(receiver.metadata(), "req-2", src2, dst2, token=token)
         _check_written(src_kv, dst_kv, before, src2, dst2)
-        assert sender.write_blocks(receiver.metadata(), "empty", [], []).num_bytes == 0
+        assert sender.write_blocks(receiver.metadata(), "empty", [], [], token=token).num_bytes == 0
 
 
 @pytest.mark.parametrize("name", TRANSPORTS)
@@ -129,11 +141,17 @@ def test_concurrent_writes_from_threads(name: str) -> None:
         rng = np.random.default_rng(2)
         src, dst = _ids(rng, 70, 48), _ids(rng, 80, 48)
         errors: list[BaseException] = []
+        # One transfer per thread, each under its own token for its own blocks.
+        tokens = [new_transfer_token() for _ in range(3)]
+        for part, token in enumerate(tokens):
+            receiver.grant(token, dst[part * 16 : (part + 1) * 16])
 
         def write(part: int) -> None:
             try:
                 sl = slice(part * 16, (part + 1) * 16)
-                sender.write_blocks(receiver.metadata(), f"r{part}", src[sl], dst[sl])
+                sender.write_blocks(
+                    receiver.metadata(), f"r{part}", src[sl], dst[sl], token=tokens[part]
+                )
             except BaseException as e:
                 errors.append(e)
 
@@ -158,15 +176,18 @@ def test_rejects_incompatible_peers_before_moving_bytes(name: str) -> None:
         TcpTransport(random_kv(_shape(SMALL, 8), torch.bfloat16, 8), "tcp-peer") as tcp_peer,
     ):
         before = [other_dtype.clone(), other_heads.clone()]
+        token = new_transfer_token()
+        for peer in (fp32_peer, heads_peer, tcp_peer):
+            peer.grant(token, [0])
         with pytest.raises(TransportError, match="dtype"):
-            sender.write_blocks(fp32_peer.metadata(), "r", [0], [0])
+            sender.write_blocks(fp32_peer.metadata(), "r", [0], [0], token=token)
         with pytest.raises(TransportError, match="shape"):
-            sender.write_blocks(heads_peer.metadata(), "r", [0], [0])
+            sender.write_blocks(heads_peer.metadata(), "r", [0], [0], token=token)
         if name != "tcp":
             with pytest.raises(TransportError, match="for transport 'tcp'"):
-                sender.write_blocks(tcp_peer.metadata(), "r", [0], [0])
+                sender.write_blocks(tcp_peer.metadata(), "r", [0], [0], token=token)
         with pytest.raises(TransportError, match="not baton KV transport metadata"):
-            sender.write_blocks(b"garbage-metadata", "r", [0], [0])
+            sender.write_blocks(b"garbage-metadata", "r", [0], [0], token=token)
         assert torch.equal(other_dtype, before[0]) and torch.equal(other_heads, before[1])
 
 
@@ -180,6 +201,7 @@ def test_rejects_bad_block_ids(name: str) -> None:
         create_transport(name, dst_kv, "decode", FAST) as receiver,
     ):
         peer = receiver.metadata()
+        token = _grant_all(receiver)
         cases: list[tuple[list[int], list[int], str]] = [
             ([8], [0], "source block id out of range"),
             ([-1], [0], "source block id out of range"),
@@ -189,7 +211,7 @@ def test_rejects_bad_block_ids(name: str) -> None:
         ]
         for src, dst, message in cases:
             with pytest.raises(TransportError, match=message):
-                sender.write_blocks(peer, "r", src, dst)
+                sender.write_blocks(peer, "r", src, dst, token=token)
     assert torch.equal(dst_kv, before)
 
 
@@ -200,6 +222,7 @@ def test_tcp_checksum_mismatch_is_detected_and_nothing_bad_is_scattered() -> Non
     with TcpTransport(src_kv, "prefill", FAST) as sender, TcpTransport(dst_kv, "decode") as peer:
         rng = np.random.default_rng(3)
         src, dst = _ids(rng, 70, 64), _ids(rng, 80, 64)
+        token = _grant_all(peer)
         corrupted: list[int] = []
 
         def flip_a_bit_in_segment_2(segment: memoryview) -> None:
@@ -209,14 +232,14 @@ def test_tcp_checksum_mismatch_is_detected_and_nothing_bad_is_scattered() -> Non
 
         sender.fault_hook = flip_a_bit_in_segment_2
         with pytest.raises(TransportError, match="checksum mismatch"):
-            sender.write_blocks(peer.metadata(), "corrupt", src, dst)
+            sender.write_blocks(peer.metadata(), "corrupt", src, dst, token=token)
         # 64 blocks x 16 KiB chunks = 1 MiB per (layer, K/V) plane: two 4-plane segments.
         assert corrupted == [4 << 20, 4 << 20]
         # The segment with the flipped bit never reached the cache: its planes are untouched.
         assert torch.equal(dst_kv.view(8, 80, -1)[4:], before.view(8, 80, -1)[4:])
         # The connection stays in sync: the same write without the fault goes through.
         sender.fault_hook = None
-        sender.write_blocks(peer.metadata(), "clean", src, dst)
+        sender.write_blocks(peer.metadata(), "clean", src, dst, token=token)
         _check_written(src_kv, dst_kv, before, src, dst)
 
 
@@ -251,16 +274,18 @@ def peer_process() -> Iterator[Connection]:
 def test_write_across_processes(peer_process: Connection, name: str, dtype: torch.dtype) -> None:
     dtype_name = str(dtype).removeprefix("torch.")
     handle, metadata = _ask(peer_process, "open", name, dtype_name, _shape(MEDIUM, 90), 20, 5.0)
+    token = new_transfer_token()
+    _ask(peer_process, "grant", handle, token, list(range(90)))
     src_kv = random_kv(_shape(MEDIUM, 70), dtype, 21)
     rng = np.random.default_rng(4)
     with create_transport(name, src_kv, "prefill", FAST) as sender:
         src, dst = _ids(rng, 70, 64), _ids(rng, 90, 64)
-        sender.write_blocks(metadata, "req-1", src, dst)
+        sender.write_blocks(metadata, "req-1", src, dst, token=token)
         digest, untouched = _ask(peer_process, "digest", handle, dst)
         assert digest == block_digest(src_kv, src)
         assert untouched
         src2, dst2 = [5, 6, 7], [d for d in range(90) if d not in dst][:3]
-        sender.write_blocks(metadata, "req-2", src2, dst2)
+        sender.write_blocks(metadata, "req-2", src2, dst2, token=token)
         digest, _ = _ask(peer_process, "digest", handle, dst2)
         assert digest == block_digest(src_kv, src2)
 
@@ -272,16 +297,19 @@ def test_dead_peer_fails_within_the_timeout() -> None:
     proc = ctx.Process(target=receiver_main, args=(child,), daemon=True)
     proc.start()
     try:
-        metadata = {
-            name: _ask(parent, "open", name, "float32", _shape(SMALL, 9), 30, 5.0)[1]
-            for name in names
-        }
+        token = new_transfer_token()
+        metadata = {}
+        for name in names:
+            handle, metadata[name] = _ask(
+                parent, "open", name, "float32", _shape(SMALL, 9), 30, 5.0
+            )
+            _ask(parent, "grant", handle, token, [3, 4])
         senders = {
             name: create_transport(name, random_kv(_shape(SMALL, 9), torch.float32, 31), "p", FAST)
             for name in names
         }
         for name in names:  # alive: the writes go through and connections are cached
-            senders[name].write_blocks(metadata[name], "alive", [1, 2], [3, 4])
+            senders[name].write_blocks(metadata[name], "alive", [1, 2], [3, 4], token=token)
         # Hung (stopped) rather than dead: TCP waits for an acknowledgement that never comes.
         # (NIXL's one-sided CMA writes need nothing from a stopped peer, so they would succeed.)
         os.kill(proc.pid, signal.SIGSTOP)
@@ -289,7 +317,7 @@ def test_dead_peer_fails_within_the_timeout() -> None:
         with TcpTransport(kv, "p2", TransportConfig(timeout_s=1.0)) as impatient:
             start = time.monotonic()
             with pytest.raises(TransportError, match="timed out"):
-                impatient.write_blocks(metadata["tcp"], "hung", [1, 2], [3, 4])
+                impatient.write_blocks(metadata["tcp"], "hung", [1, 2], [3, 4], token=token)
             assert time.monotonic() - start < 3.0
     finally:
         proc.kill()
@@ -297,7 +325,7 @@ def test_dead_peer_fails_within_the_timeout() -> None:
     for name in names:
         start = time.monotonic()
         with pytest.raises(TransportError):
-            senders[name].write_blocks(metadata[name], "dead", [1, 2], [3, 4])
+            senders[name].write_blocks(metadata[name], "dead", [1, 2], [3, 4], token=token)
         assert time.monotonic() - start < FAST.timeout_s + 2.0, name
         senders[name].close()
 

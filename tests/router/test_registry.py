@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 
 import pytest
 import redis
@@ -279,3 +280,112 @@ def test_registration_survives_a_redis_restart() -> None:
         run(body, first.url)
     finally:
         first.stop()
+
+
+def test_entries_without_a_valid_proof_are_skipped_under_a_cluster_token(url: str) -> None:
+    token = "cluster-secret"
+    ours = info("d1").signed(token)
+    unsigned = info("d2")
+    forged = info("d3").signed("another-secret")
+    tampered = WorkerInfo.from_json(
+        info("d4").signed(token).to_json().replace("127.0.0.1", "10.6.6.6")
+    )
+
+    async def body(r: aioredis.Redis) -> None:
+        for w in (ours, unsigned, forged, tampered):
+            await r.set(worker_key(w.worker_id), w.to_json())
+        assert await list_workers(r, token=token) == [ours]
+        assert len(await list_workers(r)) == 4  # no token: nothing is checked
+        loads = FixedLoads({})
+        async with Router(r, loads, token=token, poll_interval_s=3600) as router:
+            assert [w.worker_id for w in router.workers] == ["d1"]
+            assert (await router.place(10, "a")).decode.worker_id == "d1"
+
+    run(body, url)
+
+
+def test_an_empty_registry_is_not_no_workers(url: str) -> None:
+    """Redis restarted and came back empty: the known workers stay while they answer, for
+    their grace; one that stops answering, or outstays the grace, is dropped."""
+    loads = FixedLoads({"d1": 0, "d2": 10})
+
+    async def body(r: aioredis.Redis) -> None:
+        for w in ("d1", "d2"):
+            await r.set(worker_key(w), info(w).to_json())
+        router = Router(
+            r, loads, refresh_interval_s=0.05, poll_interval_s=0.05, missing_grace_s=1.0
+        )
+        async with router:
+            assert len(router.workers) == 2
+            await r.flushdb()  # what a restarted Redis holds
+            await router.refresh_workers()
+            assert [w.worker_id for w in router.workers] == ["d1", "d2"]
+            assert (await router.place(10, "a")).decode.worker_id == "d1"
+            await r.set(worker_key("d2"), info("d2").to_json())  # d2's next heartbeat
+            loads.down.add("d1")  # and d1 dies for real
+
+            async def only_d2() -> bool:
+                return [w.worker_id for w in router.workers] == ["d2"]
+
+            assert await wait_until(only_d2, timeout_s=2.0)
+            assert (await router.place(10, "b")).decode.worker_id == "d2"
+            await r.set(worker_key("d1"), info("d1").to_json())  # d1 re-registers: back
+            loads.down.clear()
+
+            async def both() -> bool:
+                return len(router.workers) == 2 and router.is_healthy("d1")
+
+            assert await wait_until(both, timeout_s=2.0)
+            await r.delete(worker_key("d1"))  # d1 is gone from the registry for good
+
+            async def gone() -> bool:
+                return [w.worker_id for w in router.workers] == ["d2"]
+
+            assert await wait_until(gone, timeout_s=3.0)  # after its grace of 1 s
+
+    run(body, url)
+
+
+def test_a_draining_worker_gets_nothing_new(url: str) -> None:
+    class Draining(FixedLoads):
+        async def __call__(self, worker: WorkerInfo) -> WorkerLoad:
+            load = await super().__call__(worker)
+            return replace(load, draining=worker.worker_id in self.draining)
+
+    loads = Draining({"d1": 0, "d2": 1000})
+    loads.draining = {"d1"}  # type: ignore[attr-defined]
+
+    async def body(r: aioredis.Redis) -> None:
+        async with (
+            WorkerRegistration(r, info("d1")),
+            WorkerRegistration(r, info("d2")),
+            Router(r, loads, poll_interval_s=3600) as router,
+        ):
+            assert not router.is_healthy("d1")
+            assert (await router.place(10, "a")).decode.worker_id == "d2"
+
+    run(body, url)
+
+
+def test_a_load_poll_that_times_out_during_a_loop_stall_is_no_verdict(url: str) -> None:
+    class Slow(FixedLoads):
+        async def __call__(self, worker: WorkerInfo) -> WorkerLoad:
+            time.sleep(0.5)  # the event loop itself is stalled (a CPU-bound handler)
+            return await super().__call__(worker)
+
+    class Hung(FixedLoads):
+        async def __call__(self, worker: WorkerInfo) -> WorkerLoad:
+            await asyncio.sleep(10)  # the worker does not answer; the loop is fine
+            raise AssertionError("unreachable")
+
+    async def body(r: aioredis.Redis) -> None:
+        async with WorkerRegistration(r, info("d1")):
+            stalled = Router(r, Slow({}), poll_interval_s=3600, fetch_timeout_s=0.1)
+            async with stalled:
+                await stalled.poll_loads()
+                assert stalled.is_healthy("d1")
+            hung = Router(r, Hung({}), poll_interval_s=3600, fetch_timeout_s=0.1)
+            async with hung:
+                assert not hung.is_healthy("d1")
+
+    run(body, url)

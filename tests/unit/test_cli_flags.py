@@ -32,7 +32,7 @@ from baton.services.engine.config import (
     SchedulerConfig,
 )
 from baton.services.engine.llm import LLM
-from baton.services.gateway.main import API_KEYS_ENV, api_keys_from_env
+from baton.services.gateway.main import API_KEY_ENV, API_KEYS_ENV, api_keys_from_env
 from baton.services.launcher import ServeConfig, gateway_cmd, gateway_env, worker_cmd
 from baton.services.worker.server import WorkerConfig
 
@@ -226,7 +226,7 @@ def test_serve_hands_each_worker_one_engine_config_with_an_equal_gpu_share() -> 
     serve = _serve(argv)
     assert serve.engine == EngineConfig.from_kwargs(**NON_DEFAULT)
     for i, role in enumerate(serve.roles):
-        cmd = worker_cmd(serve, role, i, "redis://127.0.0.1:1")
+        cmd = worker_cmd(serve, role, i)
         assert cmd.count("--engine-config") == 1
         flags = {_flag(f) for _, f in ENGINE_FIELDS} | {"--kv-cache-memory-mb"}
         assert not [arg for arg in cmd if arg.split("=")[0] in flags]
@@ -240,7 +240,7 @@ def test_serve_hands_each_worker_one_engine_config_with_an_equal_gpu_share() -> 
 
 def test_colocated_worker_keeps_the_whole_gpu_share() -> None:
     serve = _serve(["--colocated", "--gpu-memory-utilization", "0.8"])
-    engine = cli.engine_config(_worker_args(worker_cmd(serve, "mixed", 0, "redis://x")))
+    engine = cli.engine_config(_worker_args(worker_cmd(serve, "mixed", 0)))
     assert serve.roles == ["mixed"] and engine.cache.gpu_memory_utilization == 0.8
 
 
@@ -256,11 +256,12 @@ def test_api_keys_reach_the_gateway_by_environment_never_argv(
     monkeypatch.setenv(API_KEYS_ENV, "from-env")
     serve = _serve(["--api-key", "sekrit-1", "--api-key", "sekrit-2"])
     assert serve.api_keys == ("sekrit-1", "sekrit-2", "from-env")
-    children = [worker_cmd(serve, r, i, "redis://x") for i, r in enumerate(serve.roles)]
-    children.append(gateway_cmd(serve, "redis://x"))
+    children = [worker_cmd(serve, r, i) for i, r in enumerate(serve.roles)]
+    children.append(gateway_cmd(serve))
     assert not [arg for cmd in children for arg in cmd if "sekrit" in arg or "from-env" in arg]
     assert api_keys_from_env(gateway_env(serve)) == serve.api_keys
-    assert gateway_env(ServeConfig()) == {API_KEYS_ENV: ""}  # serve's own env does not leak
+    # serve's own env does not leak into the gateway's
+    assert gateway_env(ServeConfig()) == {API_KEYS_ENV: "", API_KEY_ENV: ""}
 
 
 # ---- the generator itself
@@ -308,3 +309,23 @@ def test_help_with_a_percent_sign_and_repeatable_tuple_flags() -> None:
     assert from_flat(_Undocumented, {"names": ["a", "b"]}).names == ("a", "b")
     config = _Undocumented(("a",), 0.5)
     assert from_json(_Undocumented, to_json(config)) == config
+
+
+def test_serve_hands_the_gateway_its_deadlines_and_limits_and_workers_their_bind_address() -> None:
+    from baton.services.gateway.deadlines import StreamDeadlines
+    from baton.services.gateway.limits import GatewayLimits
+
+    serve = _serve(
+        [
+            *("--max-concurrent-requests", "7", "--header-timeout-s", "2.5"),
+            *("--inter-token-timeout-s", "4", "--host", "0.0.0.0", "--worker-host", "10.1.2.3"),
+        ]
+    )
+    args = cli.build_parser().parse_args(gateway_cmd(serve)[3:])
+    assert from_namespace(GatewayLimits, args) == GatewayLimits(
+        max_concurrent_requests=7, header_timeout_s=2.5
+    )
+    assert from_namespace(StreamDeadlines, args) == StreamDeadlines(inter_token_timeout_s=4.0)
+    assert args.host == "0.0.0.0"
+    worker = cli.build_parser().parse_args(worker_cmd(serve, "decode", 1)[3:])
+    assert from_namespace(WorkerConfig, worker).host == "10.1.2.3"

@@ -7,16 +7,29 @@ prompt's blocks until the connector reports them sent.
 
 from __future__ import annotations
 
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from baton.kvstore.transports.base import KVCacheSpec, KVTransport, TransportError
+from baton.kvstore.transports.bench import random_kv
 from baton.proto import worker_pb2 as pb
+from baton.proto import worker_pb2_grpc as pb_grpc
+from baton.services.engine.executor import RankKVLayout
 from baton.services.engine.kv_connector import FinishedLoad, KVConnectorOutput
 from baton.services.engine.request import Request, RequestStatus
 from baton.services.engine.scheduler import Scheduler
+from baton.services.wire import ChannelPool
 from baton.services.worker.connectors.remote_prefill import (
     PullFromPrefill,
     RemotePrefillConfig,
     RemotePrefillConnector,
     RemotePrefillMetadata,
     SendToDecode,
+    _Load,
+    _Send,
 )
 from tests.engine.test_scheduler import FakeRunner, make, req, run_to_end, step
 
@@ -163,12 +176,6 @@ def test_aborted_prefill_is_not_sent() -> None:
 
 
 def test_destination_names_every_rank_and_a_tp_mismatch_is_refused_before_any_byte() -> None:
-    import torch
-
-    from baton.kvstore.transports.base import KVCacheSpec
-    from baton.services.engine.executor import RankKVLayout
-    from baton.services.worker.connectors.remote_prefill import _Load
-
     kv = torch.randn(2, 2, 8, 4, 4, 16)  # [layers, K/V, blocks, block_size, heads, dim]
     connector = RemotePrefillConnector(RemotePrefillConfig("d0", transport="tcp"))
     connector.register_kv_caches([RankKVLayout(0, KVCacheSpec.from_tensor(kv), 0, 4)], [kv])
@@ -179,6 +186,10 @@ def test_destination_names_every_rank_and_a_tp_mismatch_is_refused_before_any_by
         assert (rank.rank, rank.kv_head_start, rank.num_kv_heads) == (0, 0, 4)
         assert list(rank.kv_shape) == list(kv.shape) and rank.transport_metadata
         assert connector.check_destination(dest) is None
+        tokenless = pb.KVDestination()
+        tokenless.CopyFrom(dest)
+        tokenless.transfer_token = ""
+        assert "no transfer token" in (connector.check_destination(tokenless) or "")
         wrong = pb.KVDestination(transport="nixl", ranks=list(dest.ranks))
         assert "transport" in (connector.check_destination(wrong) or "")
         split = pb.KVDestination(
@@ -191,3 +202,146 @@ def test_destination_names_every_rank_and_a_tp_mismatch_is_refused_before_any_by
         assert "tensor-parallel layouts differ" in (connector.check_destination(split) or "")
     finally:
         connector.close()
+
+
+# ---- transfer tokens over a real Prefill RPC -------------------------------------------------
+
+
+class _PrefillWorker(pb_grpc.WorkerServicer):
+    """The prefill worker's Prefill RPC reduced to its handoff: a real prefill-side connector
+    writes its blocks into the destination over real TCP (no engine: the KV is random)."""
+
+    def __init__(self, connector: RemotePrefillConnector, outcome: str) -> None:
+        self.connector = connector
+        self.outcome = outcome
+        self.seen: list[pb.KVDestination] = []
+        self.grants_during_rpc: list[int] = []
+        self.decode_transport: KVTransport | None = None
+
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
+        dest = request.destination
+        self.seen.append(dest)
+        assert self.decode_transport is not None
+        self.grants_during_rpc.append(self.decode_transport.num_grants)
+        if self.outcome == "error":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is going away")
+        if self.outcome == "hang":  # past the decode side's deadline, or until cancelled
+            await asyncio.Event().wait()
+        assert self.connector.check_destination(dest) is None
+        future = self.connector.expect_send(request.request_id)
+        await asyncio.to_thread(self.connector._send, _prefill_send(request.request_id, dest))
+        stats = future.result()
+        return pb.PrefillResponse(
+            request_id=request.request_id, first_token_id=42, kv_bytes=stats.num_bytes
+        )
+
+
+PROMPT_BLOCKS = (0, 1, 2, 3, 4)
+"""The prefill side's blocks of the 20-token prompt (4-token blocks)."""
+
+
+def _prefill_send(request_id: str, dest: pb.KVDestination) -> _Send:
+    return _Send(request_id, PROMPT_BLOCKS, dest)
+
+
+def _connector(
+    name: str, kv: torch.Tensor, prefill_timeout_s: float = 30.0
+) -> RemotePrefillConnector:
+    config = RemotePrefillConfig(name, transport="tcp", prefill_timeout_s=prefill_timeout_s)
+    connector = RemotePrefillConnector(config, ChannelPool(token=""))
+    connector.register_kv_caches([RankKVLayout(0, KVCacheSpec.from_tensor(kv), 0, 4)], [kv])
+    return connector
+
+
+@pytest.mark.parametrize("outcome", ["ok", "error", "deadline", "cancelled"])
+def test_each_prefill_gets_its_own_token_revoked_when_the_rpc_ends(outcome: str) -> None:
+    decode_kv = random_kv((2, 2, 10, 4, 4, 16), torch.float32, 50)
+    prefill_kv = random_kv((2, 2, 6, 4, 4, 16), torch.float32, 51)
+    timeout_s = 0.5 if outcome == "deadline" else 30.0
+    decode = _connector("d0", decode_kv, prefill_timeout_s=timeout_s)
+    prefill = _connector("p0", prefill_kv)
+    behaviour = {"ok": "ok", "error": "error", "deadline": "hang", "cancelled": "hang"}
+    worker = _PrefillWorker(prefill, behaviour[outcome])
+    decode_transport = worker.decode_transport = decode._transports[0]
+    before = decode_kv.clone()
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_WorkerServicer_to_server(worker, server)  # type: ignore[no-untyped-call]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        decode.bind(asyncio.get_running_loop(), lambda: None)
+        source = PullFromPrefill(f"127.0.0.1:{port}", pb.SamplingParams(max_tokens=3))
+        loads = [_Load(f"r{i}", tuple(range(20)), 8, (3, 4, 5, 6, 7), source) for i in range(2)]
+        try:
+            if outcome == "cancelled":  # the worker shutting down mid-prefill
+                task = asyncio.ensure_future(decode._remote_prefill(loads[0]))
+                while not worker.seen:
+                    await asyncio.sleep(0.01)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                for load in loads:  # two prefills: two tokens
+                    await decode._remote_prefill(load)
+        finally:
+            await server.stop(0)
+            await decode.aclose()
+            await prefill.aclose()
+
+    asyncio.run(run())
+    tokens = [dest.transfer_token for dest in worker.seen]
+    assert all(len(t) >= 32 for t in tokens) and len(set(tokens)) == len(tokens)
+    assert worker.grants_during_rpc == [1] * len(tokens)  # granted before the RPC was sent
+    assert decode_transport.num_grants == 0  # every token revoked (closing keeps the table)
+    finished = {load.request_id: load for load in decode.get_finished().finished_loads}
+    if outcome == "ok":
+        assert {rid: (f.ok, f.first_token_id) for rid, f in finished.items()} == {
+            "r0": (True, 42),
+            "r1": (True, 42),
+        }
+        assert torch.equal(decode_kv[:, :, [5, 6, 7]], prefill_kv[:, :, [2, 3, 4]])
+    else:
+        expected = {} if outcome == "cancelled" else {"r0": False, "r1": False}
+        assert {rid: f.ok for rid, f in finished.items()} == expected
+        assert torch.equal(decode_kv, before)
+
+
+def test_a_late_write_after_the_rpc_ended_is_refused_and_writes_nothing() -> None:
+    """The hazard the revoke closes: the decode side's deadline passed and it prefills the
+    blocks itself, while the prefill worker (whose write is shielded) writes on."""
+    decode_kv = random_kv((2, 2, 10, 4, 4, 16), torch.float32, 52)
+    prefill_kv = random_kv((2, 2, 6, 4, 4, 16), torch.float32, 53)
+    decode = _connector("d0", decode_kv, prefill_timeout_s=0.5)
+    prefill = _connector("p0", prefill_kv)
+    worker = _PrefillWorker(prefill, "hang")
+    worker.decode_transport = decode._transports[0]
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_WorkerServicer_to_server(worker, server)  # type: ignore[no-untyped-call]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        decode.bind(asyncio.get_running_loop(), lambda: None)
+        source = PullFromPrefill(f"127.0.0.1:{port}", pb.SamplingParams(max_tokens=3))
+        try:
+            await decode._remote_prefill(
+                _Load("late", tuple(range(20)), 8, (3, 4, 5, 6, 7), source)
+            )
+            (dest,) = worker.seen
+            before = decode_kv.clone()
+            future = prefill.expect_send("late")
+            await asyncio.to_thread(prefill._send, _prefill_send("late", dest))
+            with pytest.raises(TransportError, match="transfer token is not granted"):
+                future.result()
+            assert torch.equal(decode_kv, before)
+        finally:
+            await server.stop(0)
+            await decode.aclose()
+            await prefill.aclose()
+
+    asyncio.run(run())
+    (load,) = decode.get_finished().finished_loads
+    assert not load.ok and "late" in decode._failed

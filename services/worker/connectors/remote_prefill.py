@@ -9,6 +9,13 @@ prefill is reported as a failed load: the request is prefilled locally and never
 An aborted request keeps its blocks until the RPC has returned (the prefill worker may still be
 writing into them).
 
+Who may write (docs/design.md §11): each Prefill RPC gets a fresh transfer token, granted on
+every rank's transport for exactly the destination's block ids before the RPC is sent, and
+revoked when the RPC has ended, on every path (reply, error, deadline, cancellation), and before
+the load is reported: once it is, the engine may prefill into those blocks locally or free them.
+On tcp the revoke also stops a write still in flight (the prefill worker goes on writing after
+our deadline); on the one-sided transports it is bookkeeping (kvstore/transports/grants.py).
+
 Prefill side. A `Prefill` request runs as a one-token request carrying `SendToDecode`. When it
 finishes, `request_finished` holds its blocks; the next step's metadata tells the worker side to
 write them into the decode worker's blocks (each local rank into the decode rank that holds the
@@ -33,7 +40,14 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from baton.kvstore.transports.base import KV_LAYOUT, KVTransport, TransferStats, TransportError
+from baton.kvstore.transports.base import (
+    KV_LAYOUT,
+    KVTransport,
+    TransferStats,
+    TransportConfig,
+    TransportError,
+)
+from baton.kvstore.transports.grants import new_transfer_token
 from baton.kvstore.transports.registry import create_transport
 from baton.proto import worker_pb2 as pb
 from baton.services.engine.executor import RankKVLayout
@@ -77,6 +91,9 @@ class RemotePrefillConfig:
     """Conditional disaggregation: fewer missing prompt tokens than this are prefilled here."""
     prefill_timeout_s: float = 120.0
     """Deadline of one Prefill RPC, compute and transfer included."""
+    transport_host: str = "127.0.0.1"
+    """Where the transport listens for peers' writes (tcp, mooncake): the worker's bind address;
+    0.0.0.0 listens everywhere and advertises this machine's address (cross-host handoff)."""
 
 
 @dataclass
@@ -207,7 +224,8 @@ class RemotePrefillConnector(KVConnector):
             name = self.config.worker_id
             if len(layouts) > 1:
                 name = f"{name}/rank{layout.rank}"
-            self._transports.append(create_transport(self.config.transport, kv, name))
+            config = TransportConfig(host=self.config.transport_host)
+            self._transports.append(create_transport(self.config.transport, kv, name, config))
 
     def start_load_kv(self, metadata: KVConnectorMetadata | None) -> None:
         if not isinstance(metadata, RemotePrefillMetadata):
@@ -258,6 +276,9 @@ class RemotePrefillConnector(KVConnector):
                     f"{layout.rank} (decode ranks hold (start, count) {have}): the two workers' "
                     "tensor-parallel layouts differ"
                 )
+        if not dest.transfer_token:
+            # Refused before the prefill is computed: no decode worker accepts a tokenless write.
+            return "destination carries no transfer token (docs/design.md §11)"
         return None
 
     def expect_send(self, request_id: str) -> concurrent.futures.Future[TransferStats]:
@@ -275,18 +296,31 @@ class RemotePrefillConnector(KVConnector):
         return self.handoffs.pop(user_request_id, None)
 
     def destination(self, load: _Load) -> pb.KVDestination:
-        """Decode side: where the prefill worker writes `load`'s missing blocks, rank by rank."""
+        """Decode side: where the prefill worker writes `load`'s missing blocks, rank by rank,
+        under a fresh transfer token granted on every rank for exactly those blocks.
+
+        The caller owns the grant: `revoke(dest.transfer_token)` once no write may land any more.
+        """
         spec = self._layouts[0].spec
         block_size = spec.block_shape[0]
         first = load.num_cached_tokens // block_size
+        block_ids = list(load.block_ids[first:])
+        token = new_transfer_token()
+        try:
+            for transport in self._transports:
+                transport.grant(token, block_ids)
+        except BaseException:
+            self.revoke(token)
+            raise
         return pb.KVDestination(
             worker_id=self.config.worker_id,
             transport=self.config.transport,
             block_size=block_size,
             first_block_index=first,
-            block_ids=list(load.block_ids[first:]),
+            block_ids=block_ids,
             layout=KV_LAYOUT,
             dtype=spec.dtype,
+            transfer_token=token,
             ranks=[
                 pb.KVRankDestination(
                     rank=layout.rank,
@@ -299,6 +333,14 @@ class RemotePrefillConnector(KVConnector):
             ],
         )
 
+    def revoke(self, token: str) -> None:
+        """Decode side: end a destination's grant on every rank (idempotent).
+
+        On tcp it waits for a segment being scattered under the token (about a millisecond).
+        """
+        for transport in self._transports:
+            transport.revoke(token)
+
     # ---- decode side: the Prefill RPC (event loop) -------------------------------------------
 
     def _spawn(self, load: _Load) -> None:
@@ -310,26 +352,36 @@ class RemotePrefillConnector(KVConnector):
         source = load.source
         handoff = self.handoffs.setdefault(parse_sequence_id(load.request_id)[0], Handoff())
         handoff.started_s = time.monotonic()
-        prefill = pb.PrefillRequest(
-            request_id=load.request_id,
-            prompt_token_ids=list(load.prompt_token_ids),
-            params=source.params,
-            cache_salt=source.cache_salt,
-            destination=self.destination(load),
-        )
+        destination = self.destination(load)
         try:
             resp = await self._channels.stub(source.address).Prefill(
-                prefill, timeout=self.config.prefill_timeout_s
+                pb.PrefillRequest(
+                    request_id=load.request_id,
+                    prompt_token_ids=list(load.prompt_token_ids),
+                    params=source.params,
+                    cache_salt=source.cache_salt,
+                    destination=destination,
+                ),
+                timeout=self.config.prefill_timeout_s,
             )
-        except grpc.aio.AioRpcError as e:
+        except Exception as e:  # any failure of the RPC costs a local prefill, not the request
+            if isinstance(e, grpc.aio.AioRpcError):
+                why = f"{e.code().name}: {e.details()}"
+            else:
+                why = repr(e)
             logger.warning(
-                "remote prefill of %s on %s failed (%s: %s): prefilling locally",
+                "remote prefill of %s on %s failed (%s): prefilling locally",
                 load.request_id,
                 source.address,
-                e.code().name,
-                e.details(),
+                why,
             )
             self._failed.add(load.request_id)
+            resp = None
+        finally:
+            # Before the load is reported (below): from then on the blocks may be prefilled here
+            # or freed, and no write of this transfer may land in them. Cancellation too.
+            self.revoke(destination.transfer_token)
+        if resp is None:
             self._finish_load(FinishedLoad(load.request_id, ok=False))
             return
         handoff.prefill_s = resp.prefill_s
@@ -361,7 +413,11 @@ class RemotePrefillConnector(KVConnector):
                 if rank is None:
                     raise TransportError(f"no decode rank holds KV heads {list(layout.kv_heads)}")
                 stats = transport.write_blocks(
-                    rank.transport_metadata, send.request_id, src, list(dest.block_ids)
+                    rank.transport_metadata,
+                    send.request_id,
+                    src,
+                    list(dest.block_ids),
+                    token=dest.transfer_token,
                 )
                 total = TransferStats(
                     total.num_bytes + stats.num_bytes, max(total.seconds, stats.seconds)
