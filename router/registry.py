@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "baton:worker:"
+REDIS_TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+"""Options of every registry client: a frozen or unreachable Redis fails a call in seconds
+rather than holding it (and whatever waits on it) forever."""
 DEFAULT_TTL_S = 6.0
 _MGET_CHUNK = 256
 

@@ -66,6 +66,7 @@ class Router:
         refresh_interval_s: float = 1.0,
         poll_interval_s: float = 0.5,
         fetch_timeout_s: float = 1.0,
+        refresh_timeout_s: float = 2.0,
         local_prefill_max_tokens: int = 0,
         token: str = "",
         missing_grace_s: float = 15.0,
@@ -79,6 +80,7 @@ class Router:
         self.refresh_interval_s = refresh_interval_s
         self.poll_interval_s = poll_interval_s
         self.fetch_timeout_s = fetch_timeout_s
+        self.refresh_timeout_s = refresh_timeout_s
         self.local_prefill_max_tokens = local_prefill_max_tokens
         self.token = token
         self.missing_grace_s = missing_grace_s
@@ -194,8 +196,10 @@ class Router:
 
     async def _refresh(self) -> None:
         try:
-            listed = await list_workers(self.redis, self.model, self.token)
-        except (RedisError, OSError) as e:
+            listed = await asyncio.wait_for(
+                list_workers(self.redis, self.model, self.token), self.refresh_timeout_s
+            )
+        except (RedisError, OSError, TimeoutError) as e:
             logger.warning(
                 "registry refresh failed, keeping %d cached workers: %s", len(self._workers), e
             )
@@ -276,19 +280,16 @@ class Router:
         """Choose workers for a request and count its tokens on them until release(request_id).
 
         Raises NoWorkerAvailable when no healthy decode/mixed worker is registered (after one
-        on-demand refresh: a worker may have registered since the cache was filled).
+        on-demand refresh: a worker may have registered since the cache was filled). Never
+        waits on Redis longer than refresh_timeout_s.
         """
         if request_id in self._assignments:
             raise ValueError(f"request {request_id!r} is already placed")
-        refreshed = False
-        if self._is_stale():
-            await self.refresh_workers()
-            refreshed = True
+        # The background loop keeps the cache fresh: Redis is off the request path unless the
+        # cache has no worker for this request, and then it is asked once, under a deadline.
         try:
             placement = self._choose(num_prompt_tokens)
         except NoWorkerAvailable:
-            if refreshed:
-                raise
             await self.refresh_workers()
             placement = self._choose(num_prompt_tokens)
         self._rr_counter += 1

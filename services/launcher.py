@@ -18,7 +18,6 @@ The gateway listens on `host`; the workers' gRPC, /metrics and KV listeners on `
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -35,6 +34,7 @@ from redis import Redis
 
 from baton.kvstore.transports.registry import transport_names
 from baton.router.registry import WorkerInfo
+from baton.services.child_process import die_with_parent
 from baton.services.cluster_auth import CLUSTER_TOKEN_ENV, REDIS_URL_ENV, new_secret
 from baton.services.config_cli import CHOICES, FLAG, to_argv, to_json
 from baton.services.engine.config import EngineConfig
@@ -247,7 +247,7 @@ class Cluster:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
 
     # ---- supervision -------------------------------------------------------------------------
@@ -354,17 +354,6 @@ class Cluster:
         finally:
             if in_main:
                 signal.signal(signal.SIGINT, previous)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it (a graceful drain) if `baton serve` itself dies,
-    even by SIGKILL, so no worker outlives its supervisor (Linux's PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def _trim(times: deque[float], before: float) -> None:

@@ -22,6 +22,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from baton.services.child_process import die_with_parent
+
 logger = logging.getLogger(__name__)
 
 # A port picked by bind(0) can be taken again before redis binds it; retry a few times then.
@@ -176,6 +178,7 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent,  # a supervisor killed by SIGKILL leaves no Redis behind
         )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:

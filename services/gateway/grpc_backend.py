@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from baton.proto import worker_pb2 as pb
 from baton.router.policy import NoWorkerAvailable, WorkerLoad
-from baton.router.registry import WorkerInfo
+from baton.router.registry import REDIS_TIMEOUTS, WorkerInfo
 from baton.router.router import Router
 from baton.services.cluster_auth import REDIS_URL_ENV, cluster_token_from_env
 from baton.services.engine.sequence_ids import parse_sequence_id
@@ -56,7 +56,7 @@ class GrpcBackend(Backend):
         redis_url = redis_url or os.environ.get(REDIS_URL_ENV, "")
         if not redis_url:
             raise ValueError(f"no Redis for the registry: give its URL or set ${REDIS_URL_ENV}")
-        self._redis = Redis.from_url(redis_url)
+        self._redis = Redis.from_url(redis_url, **REDIS_TIMEOUTS)
         if token is None:
             token = cluster_token_from_env()
         caller = f"gateway-{socket.gethostname()}-{os.getpid()}"

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio import Redis
 
 from baton.proto import worker_pb2_grpc as pb_grpc
-from baton.router.registry import WorkerInfo, WorkerRegistration
+from baton.router.registry import REDIS_TIMEOUTS, WorkerInfo, WorkerRegistration
 from baton.services.cluster_auth import REDIS_URL_ENV, cluster_token_from_env, server_interceptors
 from baton.services.engine.async_engine import AsyncEngine
 from baton.services.engine.config import EngineConfig
@@ -143,7 +143,7 @@ class Worker:
         self.registration: WorkerRegistration | None = None
         redis_url = self.config.redis_url or os.environ.get(REDIS_URL_ENV, "")
         if redis_url:
-            self.redis = Redis.from_url(redis_url)
+            self.redis = Redis.from_url(redis_url, **REDIS_TIMEOUTS)
             info = WorkerInfo(
                 worker_id=self.worker_id,
                 address=self.address,

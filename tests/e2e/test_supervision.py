@@ -330,7 +330,8 @@ def test_ctrl_c_twice_stops_every_process_and_frees_the_port(serve: Serve) -> No
 
 
 def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
-    """kill -9 of `baton serve` itself: its children get SIGTERM and drain (PR_SET_PDEATHSIG)."""
+    """kill -9 of `baton serve` itself: its children, Redis too, get SIGTERM and drain
+    (PR_SET_PDEATHSIG)."""
     script = tmp_path / "sleeper.py"
     script.write_text("import time\ntime.sleep(600)\n")
     holder = subprocess.Popen(
@@ -341,20 +342,23 @@ def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
             "from baton.services.launcher import Cluster, ServeConfig\n"
             f"c = Cluster(ServeConfig(log_dir={str(tmp_path)!r}))\n"
             f"c._spawn('sleeper', [sys.executable, {str(script)!r}])\n"
-            "print(c.children[0].proc.pid, flush=True)\n"
+            "from baton.services.redis_server import RedisServer\n"
+            "r = RedisServer(password='pw-for-this-test').start()\n"
+            "print(c.children[0].proc.pid, r._proc.pid, flush=True)\n"
             "time.sleep(600)\n",
         ],
         stdout=subprocess.PIPE,
     )
     assert holder.stdout is not None
-    child = int(holder.stdout.readline())
-    assert Path(f"/proc/{child}").exists()
+    children = [int(pid) for pid in holder.stdout.readline().split()]
+    assert len(children) == 2 and all(Path(f"/proc/{c}").exists() for c in children)
     holder.kill()
     holder.wait(10)
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{child}").exists() and not _is_zombie(child):
-        assert time.monotonic() < deadline, "the child outlived its supervisor"
-        time.sleep(0.1)
+    for child in children:  # a worker and a Redis
+        while Path(f"/proc/{child}").exists() and not _is_zombie(child):
+            assert time.monotonic() < deadline, "a child outlived its supervisor"
+            time.sleep(0.1)
 
 
 def _is_zombie(pid: int) -> bool:

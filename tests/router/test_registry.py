@@ -389,3 +389,37 @@ def test_a_load_poll_that_times_out_during_a_loop_stall_is_no_verdict(url: str) 
                 assert not hung.is_healthy("d1")
 
     run(body, url)
+
+
+def test_a_frozen_redis_never_holds_a_placement() -> None:
+    """SIGSTOP on Redis: placements come from the cache; a refresh gives up after its deadline
+    (a registry call with no deadline would hang the request that waits on it forever)."""
+    import os
+    import signal
+
+    server = RedisServer().start()
+    assert server._proc is not None
+    loads = FixedLoads({"d1": 0})
+
+    async def body(r: aioredis.Redis) -> None:
+        await r.set(worker_key("d1"), info("d1").to_json())
+        router = Router(r, loads, poll_interval_s=0.05, refresh_interval_s=0.05)
+        router.refresh_timeout_s = 0.3
+        async with router:
+            assert server._proc is not None
+            os.kill(server._proc.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.3)  # background refreshes time out meanwhile
+                placement = await asyncio.wait_for(router.place(10, "a"), 5)
+                assert placement.decode.worker_id == "d1"
+                loads.down.add("d1")
+                await router.poll_loads()
+                with pytest.raises(NoWorkerAvailable):  # the on-demand refresh times out
+                    await asyncio.wait_for(router.place(10, "b"), 5)
+            finally:
+                os.kill(server._proc.pid, signal.SIGCONT)
+
+    try:
+        run(body, server.url)
+    finally:
+        server.stop()
