@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62\x61ton/proto/worker.proto\x12\x08\x62\x61ton.v1\"\xd6\x02\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x17\n\nmax_tokens\x18\x0b \x01(\rH\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"3\n\rPrefillSource\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xe8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12(\n\x07prefill\x18\x06 \x01(\x0b\x32\x17.baton.v1.PrefillSource\x12\x16\n\x0e\x61rrival_unix_s\x18\x07 \x01(\x01\x12\x15\n\rrouted_unix_s\x18\x08 \x01(\x01\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xa0\x01\n\rSequenceDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12(\n\x08logprobs\x18\x03 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_id\"r\n\rTtftBreakdown\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\trouting_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\x12\x16\n\x0e\x66irst_decode_s\x18\x05 \x01(\x01\"\xe6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\tsequences\x18\x02 \x03(\x0b\x32\x17.baton.v1.SequenceDelta\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12%\n\x04ttft\x18\x05 \x01(\x0b\x32\x17.baton.v1.TtftBreakdown\x12\x1a\n\x12prefilled_remotely\x18\x06 \x01(\x08\x12\x19\n\x11kv_bytes_received\x18\x07 \x01(\x04\"\xaa\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12,\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x17.baton.v1.KVDestination\"\xe6\x01\n\rKVDestination\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x19\n\x11\x66irst_block_index\x18\x05 \x01(\r\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12\x0e\n\x06layout\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12*\n\x05ranks\x18\n \x03(\x0b\x32\x1b.baton.v1.KVRankDestination\x12\x16\n\x0etransfer_token\x18\x0b \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\t\x10\n\"|\n\x11KVRankDestination\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x15\n\rkv_head_start\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08kv_shape\x18\x04 \x03(\r\x12\x1a\n\x12transport_metadata\x18\x05 \x01(\x0c\"\xc0\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12-\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x11\n\tprefill_s\x18\x05 \x01(\x01\x12\x12\n\ntransfer_s\x18\x06 \x01(\x01\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0bnum_aborted\x18\x01 \x01(\r\"\x0f\n\rHealthRequest\"P\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"\x12\n\x10LoadStatsRequest\"\xc5\x01\n\tLoadStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x1e\n\x16num_outstanding_tokens\x18\x04 \x01(\x04\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x02\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x07 \x01(\r\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x32\xc5\x02\n\x06Worker\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12;\n\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponse\x12?\n\x0cGetLoadStats\x12\x1a.baton.v1.LoadStatsRequest\x1a\x13.baton.v1.LoadStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62\x61ton/proto/worker.proto\x12\x08\x62\x61ton.v1\"\xd6\x02\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x17\n\nmax_tokens\x18\x0b \x01(\rH\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"3\n\rPrefillSource\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x89\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12(\n\x07prefill\x18\x06 \x01(\x0b\x32\x17.baton.v1.PrefillSource\x12\x16\n\x0e\x61rrival_unix_s\x18\x07 \x01(\x01\x12\x15\n\rrouted_unix_s\x18\x08 \x01(\x01\x12\x1f\n\x17resume_output_token_ids\x18\t \x03(\r\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xa0\x01\n\rSequenceDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12(\n\x08logprobs\x18\x03 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_id\"r\n\rTtftBreakdown\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\trouting_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\x12\x16\n\x0e\x66irst_decode_s\x18\x05 \x01(\x01\"\xe6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\tsequences\x18\x02 \x03(\x0b\x32\x17.baton.v1.SequenceDelta\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12%\n\x04ttft\x18\x05 \x01(\x0b\x32\x17.baton.v1.TtftBreakdown\x12\x1a\n\x12prefilled_remotely\x18\x06 \x01(\x08\x12\x19\n\x11kv_bytes_received\x18\x07 \x01(\x04\"\xaa\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12,\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x17.baton.v1.KVDestination\"\xe6\x01\n\rKVDestination\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x19\n\x11\x66irst_block_index\x18\x05 \x01(\r\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12\x0e\n\x06layout\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12*\n\x05ranks\x18\n \x03(\x0b\x32\x1b.baton.v1.KVRankDestination\x12\x16\n\x0etransfer_token\x18\x0b \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\t\x10\n\"|\n\x11KVRankDestination\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x15\n\rkv_head_start\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08kv_shape\x18\x04 \x03(\r\x12\x1a\n\x12transport_metadata\x18\x05 \x01(\x0c\"\xc0\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12-\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x11\n\tprefill_s\x18\x05 \x01(\x01\x12\x12\n\ntransfer_s\x18\x06 \x01(\x01\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0bnum_aborted\x18\x01 \x01(\r\"\x0f\n\rHealthRequest\"P\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"\x12\n\x10LoadStatsRequest\"\xc5\x01\n\tLoadStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x1e\n\x16num_outstanding_tokens\x18\x04 \x01(\x04\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x02\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x07 \x01(\r\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x32\xc5\x02\n\x06Worker\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12;\n\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponse\x12?\n\x0cGetLoadStats\x12\x1a.baton.v1.LoadStatsRequest\x1a\x13.baton.v1.LoadStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLSOURCE']._serialized_start=383
   _globals['_PREFILLSOURCE']._serialized_end=434
   _globals['_GENERATEREQUEST']._serialized_start=437
-  _globals['_GENERATEREQUEST']._serialized_end=669
-  _globals['_TOKENLOGPROB']._serialized_start=671
-  _globals['_TOKENLOGPROB']._serialized_end=765
-  _globals['_SEQUENCEDELTA']._serialized_start=768
-  _globals['_SEQUENCEDELTA']._serialized_end=928
-  _globals['_TTFTBREAKDOWN']._serialized_start=930
-  _globals['_TTFTBREAKDOWN']._serialized_end=1044
-  _globals['_GENERATERESPONSE']._serialized_start=1047
-  _globals['_GENERATERESPONSE']._serialized_end=1277
-  _globals['_PREFILLREQUEST']._serialized_start=1280
-  _globals['_PREFILLREQUEST']._serialized_end=1450
-  _globals['_KVDESTINATION']._serialized_start=1453
-  _globals['_KVDESTINATION']._serialized_end=1683
-  _globals['_KVRANKDESTINATION']._serialized_start=1685
-  _globals['_KVRANKDESTINATION']._serialized_end=1809
-  _globals['_PREFILLRESPONSE']._serialized_start=1812
-  _globals['_PREFILLRESPONSE']._serialized_end=2004
-  _globals['_ABORTREQUEST']._serialized_start=2006
-  _globals['_ABORTREQUEST']._serialized_end=2041
-  _globals['_ABORTRESPONSE']._serialized_start=2043
-  _globals['_ABORTRESPONSE']._serialized_end=2079
-  _globals['_HEALTHREQUEST']._serialized_start=2081
-  _globals['_HEALTHREQUEST']._serialized_end=2096
-  _globals['_HEALTHRESPONSE']._serialized_start=2098
-  _globals['_HEALTHRESPONSE']._serialized_end=2178
-  _globals['_LOADSTATSREQUEST']._serialized_start=2180
-  _globals['_LOADSTATSREQUEST']._serialized_end=2198
-  _globals['_LOADSTATS']._serialized_start=2201
-  _globals['_LOADSTATS']._serialized_end=2398
-  _globals['_WORKER']._serialized_start=2401
-  _globals['_WORKER']._serialized_end=2726
+  _globals['_GENERATEREQUEST']._serialized_end=702
+  _globals['_TOKENLOGPROB']._serialized_start=704
+  _globals['_TOKENLOGPROB']._serialized_end=798
+  _globals['_SEQUENCEDELTA']._serialized_start=801
+  _globals['_SEQUENCEDELTA']._serialized_end=961
+  _globals['_TTFTBREAKDOWN']._serialized_start=963
+  _globals['_TTFTBREAKDOWN']._serialized_end=1077
+  _globals['_GENERATERESPONSE']._serialized_start=1080
+  _globals['_GENERATERESPONSE']._serialized_end=1310
+  _globals['_PREFILLREQUEST']._serialized_start=1313
+  _globals['_PREFILLREQUEST']._serialized_end=1483
+  _globals['_KVDESTINATION']._serialized_start=1486
+  _globals['_KVDESTINATION']._serialized_end=1716
+  _globals['_KVRANKDESTINATION']._serialized_start=1718
+  _globals['_KVRANKDESTINATION']._serialized_end=1842
+  _globals['_PREFILLRESPONSE']._serialized_start=1845
+  _globals['_PREFILLRESPONSE']._serialized_end=2037
+  _globals['_ABORTREQUEST']._serialized_start=2039
+  _globals['_ABORTREQUEST']._serialized_end=2074
+  _globals['_ABORTRESPONSE']._serialized_start=2076
+  _globals['_ABORTRESPONSE']._serialized_end=2112
+  _globals['_HEALTHREQUEST']._serialized_start=2114
+  _globals['_HEALTHREQUEST']._serialized_end=2129
+  _globals['_HEALTHRESPONSE']._serialized_start=2131
+  _globals['_HEALTHRESPONSE']._serialized_end=2211
+  _globals['_LOADSTATSREQUEST']._serialized_start=2213
+  _globals['_LOADSTATSREQUEST']._serialized_end=2231
+  _globals['_LOADSTATS']._serialized_start=2234
+  _globals['_LOADSTATS']._serialized_end=2431
+  _globals['_WORKER']._serialized_start=2434
+  _globals['_WORKER']._serialized_end=2759
 # @@protoc_insertion_point(module_scope)

@@ -26,14 +26,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "baton:worker:"
-REDIS_TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
-"""Options of every registry client: a frozen or unreachable Redis fails a call in seconds
-rather than holding it (and whatever waits on it) forever."""
+
 DEFAULT_TTL_S = 6.0
 _MGET_CHUNK = 256
 
 WorkerRole = Literal["prefill", "decode", "mixed"]
 ROLES: tuple[str, ...] = get_args(WorkerRole)
+
+
+def connect(url: str) -> Redis:
+    """A registry client (asyncio) whose calls fail within seconds on a frozen or unreachable
+    Redis, rather than hold whatever waits on them forever."""
+    from redis.asyncio import Redis
+
+    return Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
 
 
 def worker_key(worker_id: str) -> str:

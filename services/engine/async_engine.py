@@ -14,7 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -86,6 +86,7 @@ class AsyncEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         kv_transfer: object | None = None,
+        resumed_output_token_ids: Sequence[int] = (),
     ) -> AsyncIterator[list[EngineCoreOutput]]:
         """Stream a request's outputs. Raises ValueError before streaming for a bad request.
         kv_transfer: the KV connector's parameters for every sequence of the request.
@@ -95,7 +96,9 @@ class AsyncEngine:
         """
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seqs = self.sequences.make(request_id, prompt_token_ids, params, priority, cache_salt)
+        seqs = self.sequences.make(
+            request_id, prompt_token_ids, params, priority, cache_salt, resumed_output_token_ids
+        )
         for seq in seqs:
             seq.kv_transfer = kv_transfer
         ids = {s.request_id for s in seqs}

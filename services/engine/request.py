@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,8 @@ class Request:
         seed: int | None = None,
         wait_for: Request | None = None,
         generator_device: str = "cpu",
+        resumed_output_token_ids: Sequence[int] = (),
+        draws_per_token: int = 0,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
@@ -93,12 +96,21 @@ class Request:
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator(generator_device).manual_seed(seed)
+        self.draws_per_token = draws_per_token
+        """Random draws the sampler takes from the generator per token (the vocabulary size;
+        0: unknown, the generator is never advanced by hand)."""
         max_tokens = params.max_tokens
         room = max_model_len - len(prompt_token_ids)
         self.max_tokens = room if max_tokens is None else min(max_tokens, room)
         self._block_size = block_size
         self._hash_extra = hash_extra
         self.block_hashes: list[BlockHash] = hash_blocks(prompt_token_ids, block_size, hash_extra)
+        for token_id in resumed_output_token_ids:
+            self.append_output_token(token_id)
+        self.num_resumed_tokens = len(resumed_output_token_ids)
+        """Outputs generated before this request arrived (elsewhere): taken as its first
+        outputs and computed as part of its prefill, never emitted again."""
+        self.skip_sampled_tokens(self.num_resumed_tokens)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -128,6 +140,18 @@ class Request:
                 parent=parent,
                 start_block=len(self.block_hashes),
             )
+
+    def skip_sampled_tokens(self, num_tokens: int) -> None:
+        """Advance the seeded generator past num_tokens tokens sampled elsewhere (a remote
+        prefill's first token, outputs resumed from another worker), so the next token draws
+        what it would have drawn here. The sampler takes exactly draws_per_token float32
+        Exp(1) values per token of a random row (sampler.py), so the same draws are taken."""
+        if self.generator is None or self.params.greedy or not self.draws_per_token:
+            return
+        device = self.generator.device
+        scratch = torch.empty(self.draws_per_token, dtype=torch.float32, device=device)
+        for _ in range(num_tokens):
+            scratch.exponential_(generator=self.generator)
 
     def sort_key(self) -> tuple[int, float]:
         """Order under the priority policy: lower priority value first, then earlier arrival."""

@@ -304,7 +304,9 @@ class Sampler:
         probs = logits.softmax(dim=-1)
         # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) is a sample from p, and unlike
         # torch.multinomial it never synchronizes with the host and draws a fixed V values/row.
-        noise = torch.empty_like(probs)
+        # float32 whatever the logits' dtype: a row takes exactly V float32 draws from its
+        # generator, which Request.skip_sampled_tokens replays for tokens sampled elsewhere.
+        noise = torch.empty(probs.shape, dtype=torch.float32, device=probs.device)
         if meta.any_unseeded_random:
             noise.exponential_()
         for row, generator in meta.seeded_rows:

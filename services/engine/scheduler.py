@@ -143,6 +143,7 @@ class Scheduler:
                 continue
             request.num_computed_tokens = request.num_tokens
             self.kv.cache_computed(request)
+            request.skip_sampled_tokens(1)  # its first token was sampled where it was prefilled
             result = ModelRunnerOutput(
                 {request.request_id: load.first_token_id},
                 {request.request_id: load.first_logprobs} if load.first_logprobs else {},

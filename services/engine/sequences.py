@@ -7,6 +7,7 @@ waits for sequence 0's prompt so that it shares those blocks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from baton.kvstore.block_hash import BlockHashExtra
@@ -46,8 +47,14 @@ class SequenceFactory:
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        resumed_output_token_ids: Sequence[int] = (),
     ) -> list[Request]:
+        """resumed_output_token_ids: tokens this request already generated elsewhere (its
+        decode worker died mid-stream): the one sequence takes them as its first outputs, so
+        penalties, min/max tokens and stops count them, and only what follows is emitted."""
         self.validate_prompt(token_ids)
+        if resumed_output_token_ids:
+            self._validate_resume(token_ids, resumed_output_token_ids, params)
         salt = self.default_cache_salt if cache_salt is None else cache_salt
         extra = BlockHashExtra(self.model_id, salt).encode()
         sequences: list[Request] = []
@@ -65,6 +72,24 @@ class SequenceFactory:
                     seed=None if params.seed is None else params.seed + i,
                     generator_device=self.generator_device,
                     wait_for=sequences[0] if sequences else None,
+                    resumed_output_token_ids=resumed_output_token_ids,
+                    draws_per_token=self.vocab_size,
                 )
             )
         return sequences
+
+    def _validate_resume(
+        self, prompt: Sequence[int], outputs: Sequence[int], params: SamplingParams
+    ) -> None:
+        if params.n != 1:
+            raise ValueError("a request resumed from its generated tokens must have n = 1")
+        if len(prompt) + len(outputs) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt and {len(outputs)} resumed tokens leave no room in this model's "
+                f"context of {self.max_model_len} tokens"
+            )
+        if params.max_tokens is not None and len(outputs) >= params.max_tokens:
+            raise ValueError(f"{len(outputs)} resumed tokens: max_tokens is reached already")
+        bad = next((t for t in outputs if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")

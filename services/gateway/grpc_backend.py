@@ -16,11 +16,10 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
-from redis.asyncio import Redis
 
 from baton.proto import worker_pb2 as pb
 from baton.router.policy import NoWorkerAvailable, WorkerLoad
-from baton.router.registry import REDIS_TIMEOUTS, WorkerInfo
+from baton.router.registry import WorkerInfo, connect
 from baton.router.router import Router
 from baton.services.cluster_auth import REDIS_URL_ENV, cluster_token_from_env
 from baton.services.engine.sequence_ids import parse_sequence_id
@@ -32,12 +31,13 @@ from baton.services.gateway.backend import (
     InvalidRequest,
 )
 from baton.services.gateway.deadlines import StreamDeadlines
+from baton.services.gateway.replay import StreamReplay
 from baton.services.wire import ChannelPool
 
 logger = logging.getLogger(__name__)
 
-PLACEMENT_ATTEMPTS = 3
-"""Placements tried for a request whose decode worker is unreachable before streaming."""
+MAX_ATTEMPTS = 4
+"""Placements tried for one request: its first, and one per worker that failed under it."""
 
 
 class GrpcBackend(Backend):
@@ -56,7 +56,7 @@ class GrpcBackend(Backend):
         redis_url = redis_url or os.environ.get(REDIS_URL_ENV, "")
         if not redis_url:
             raise ValueError(f"no Redis for the registry: give its URL or set ${REDIS_URL_ENV}")
-        self._redis = Redis.from_url(redis_url, **REDIS_TIMEOUTS)
+        self._redis = connect(redis_url)
         if token is None:
             token = cluster_token_from_env()
         caller = f"gateway-{socket.gethostname()}-{os.getpid()}"
@@ -85,25 +85,39 @@ class GrpcBackend(Backend):
         )
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """Stream from the decode worker the router picks. A worker that is unreachable before
-        its first message (dead, restarting, its registry entry not yet expired) is marked
-        unhealthy and the request placed again, up to PLACEMENT_ATTEMPTS times: nothing was
-        streamed, so nothing is lost. A failure after the first message ends the stream."""
+        """Stream from the decode worker the router picks, surviving its failure.
+
+        A worker that is unreachable before the first message (dead, restarting, its registry
+        entry not yet expired) is marked unhealthy and the request placed again: nothing was
+        streamed, so nothing is lost. One that fails after it (killed, frozen past a deadline,
+        cut off by its drain) hands the stream to another worker by token replay (replay.py):
+        the client's stream goes on. Up to MAX_ATTEMPTS placements per request."""
         await self.start()
-        for attempt in range(1, PLACEMENT_ATTEMPTS + 1):
+        replay = StreamReplay(request)
+        attempt_request = request
+        for attempt in range(1, MAX_ATTEMPTS + 1):
             started = False
             try:
                 # aclosing: a client that leaves closes this generator, and the inner one must
                 # close now too (it cancels the worker's call), not when it is collected.
-                async with contextlib.aclosing(self._generate_once(request)) as stream:
+                async with contextlib.aclosing(self._generate_once(attempt_request)) as stream:
                     async for msg in stream:
                         started = True
-                        yield msg
+                        yield replay.deliver(msg)
                 return
             except BackendUnavailable as e:
-                if started or attempt == PLACEMENT_ATTEMPTS:
+                if attempt == MAX_ATTEMPTS or (replay.delivered and not replay.can_resume()):
                     raise
-                logger.warning("%s: placing %s again", e, request.request_id)
+                if replay.delivered or started:
+                    attempt_request = replay.resume()
+                    logger.warning(
+                        "%s: %s continues on another worker from its %d streamed tokens",
+                        e,
+                        request.request_id,
+                        len(replay.delivered),
+                    )
+                else:
+                    logger.warning("%s: placing %s again", e, request.request_id)
 
     async def _generate_once(
         self, request: pb.GenerateRequest
@@ -156,7 +170,11 @@ class GrpcBackend(Backend):
             return InvalidRequest(e.details() or "invalid request")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return BackendOverloaded(e.details() or "worker overloaded")
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.CANCELLED,  # cancelled by the worker: its server stopped (drain)
+        ):
             self.router.mark_unhealthy(worker.worker_id)
             return BackendUnavailable(f"worker {worker.worker_id} unavailable: {e.details()}")
         return BackendError(f"worker {worker.worker_id} failed: {code.name}: {e.details()}")

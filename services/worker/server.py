@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
-from redis.asyncio import Redis
 
 from baton.proto import worker_pb2_grpc as pb_grpc
-from baton.router.registry import REDIS_TIMEOUTS, WorkerInfo, WorkerRegistration
+from baton.router.registry import WorkerInfo, WorkerRegistration, connect
 from baton.services.cluster_auth import REDIS_URL_ENV, cluster_token_from_env, server_interceptors
 from baton.services.engine.async_engine import AsyncEngine
 from baton.services.engine.config import EngineConfig
@@ -143,7 +142,7 @@ class Worker:
         self.registration: WorkerRegistration | None = None
         redis_url = self.config.redis_url or os.environ.get(REDIS_URL_ENV, "")
         if redis_url:
-            self.redis = Redis.from_url(redis_url, **REDIS_TIMEOUTS)
+            self.redis = connect(redis_url)
             info = WorkerInfo(
                 worker_id=self.worker_id,
                 address=self.address,

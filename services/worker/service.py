@@ -119,6 +119,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 priority=request.priority,
                 cache_salt=request.cache_salt or None,
                 kv_transfer=source,
+                resumed_output_token_ids=list(request.resume_output_token_ids),
             )
             async for outs in stream:
                 msg = pb.GenerateResponse(

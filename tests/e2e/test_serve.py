@@ -178,6 +178,26 @@ def test_disaggregated_tcp_matches_offline_engine(
     _wait_idle(tcp_cluster)
 
 
+def test_seeded_sampling_is_the_same_disaggregated_and_offline(tcp_cluster: Cluster) -> None:
+    """The first token is sampled on the prefill worker and the rest on the decode worker,
+    which advances the request's generator past that token's draws: one seeded stream."""
+    llm = LLM(dtype="float32", kv_cache_memory_bytes=32 * 1024**2)
+    client = _client(tcp_cluster)
+    for seed, prompt in enumerate(PROMPTS[:3]):
+        params = SamplingParams(temperature=0.9, top_p=0.95, seed=seed, max_tokens=16)
+        offline = llm.generate([prompt], params)[0].outputs[0].text
+        served = client.completions.create(
+            model=_model(tcp_cluster),
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0.9,
+            top_p=0.95,
+            seed=seed,
+        )
+        assert served.choices[0].text == offline, seed
+    _wait_idle(tcp_cluster)
+
+
 def test_every_process_exports_parsable_metrics(tcp_cluster: Cluster) -> None:
     gateway = _metrics(tcp_cluster.url)
     assert (

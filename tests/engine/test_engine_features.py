@@ -179,3 +179,66 @@ def test_cli_chat_once() -> None:
     )
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout
+
+
+def _run_core(
+    llm: LLM,
+    request_id: str,
+    prompt: list[int],
+    params: SamplingParams,
+    resumed: list[int] | None = None,
+) -> list[int]:
+    """Tokens the engine core emits for one request (resumed: outputs from elsewhere)."""
+    engine = llm.engine
+    (seq,) = engine.sequences.make(
+        request_id, prompt, params, resumed_output_token_ids=resumed or ()
+    )
+    engine.core.add_request(seq)
+    emitted: list[int] = []
+    while engine.core.has_unfinished():
+        for out in engine.core.step():
+            if out.request_id == request_id:
+                emitted.extend(out.new_token_ids)
+    return emitted
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=24, ignore_eos=True),
+        SamplingParams(
+            temperature=0.8,
+            seed=3,
+            presence_penalty=0.6,
+            max_tokens=24,
+            min_tokens=20,
+            ignore_eos=True,
+        ),
+    ],
+    ids=["greedy", "seeded", "seeded-penalty-min-tokens"],
+)
+def test_a_resumed_request_continues_exactly_where_it_stopped(
+    llm: LLM, params: SamplingParams
+) -> None:
+    """Token replay's engine side: resumed with the first k tokens of a run, a request emits
+    exactly the rest of that run (greedy, and seeded: its generator is advanced past them)."""
+    tokenizer = llm.engine.tokenizer
+    assert tokenizer is not None
+    prompt = tokenizer.encode(PROMPTS[3])
+    whole = _run_core(llm, "whole", prompt, params)
+    assert len(whole) == 24
+    for k in (1, 9):
+        rest = _run_core(llm, f"resumed-{k}", prompt, params, resumed=whole[:k])
+        assert rest == whole[k:], k
+
+
+def test_resuming_is_refused_when_it_cannot_be_honoured(llm: LLM) -> None:
+    prompt = [1, 2, 3]
+    make = llm.engine.sequences.make
+    with pytest.raises(ValueError, match="n = 1"):
+        make("r", prompt, SamplingParams(n=2), resumed_output_token_ids=[5])
+    with pytest.raises(ValueError, match="max_tokens is reached"):
+        make("r", prompt, SamplingParams(max_tokens=2), resumed_output_token_ids=[5, 6])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        make("r", prompt, SamplingParams(), resumed_output_token_ids=[10**9])
