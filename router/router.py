@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from baton.router.breaker import CircuitBreaker
 from baton.router.policy import (
     POLICIES,
     NoWorkerAvailable,
@@ -70,6 +71,7 @@ class Router:
         local_prefill_max_tokens: int = 0,
         token: str = "",
         missing_grace_s: float = 15.0,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown placement policy {policy!r}; choose from {POLICIES}")
@@ -84,6 +86,7 @@ class Router:
         self.local_prefill_max_tokens = local_prefill_max_tokens
         self.token = token
         self.missing_grace_s = missing_grace_s
+        self.breaker = breaker or CircuitBreaker()
 
         self._workers: list[WorkerInfo] = []
         self._missing_since: dict[str, float] = {}
@@ -148,10 +151,13 @@ class Router:
         return list(self._workers)
 
     def healthy_workers(self) -> list[WorkerInfo]:
-        return [w for w in self._workers if w.worker_id not in self._unhealthy]
+        return [w for w in self._workers if self.is_healthy(w.worker_id)]
 
     def is_healthy(self, worker_id: str) -> bool:
-        return worker_id not in self._unhealthy
+        """Its load probe answers and its circuit breaker is not open."""
+        return worker_id not in self._unhealthy and not self.breaker.is_open(
+            worker_id, time.monotonic()
+        )
 
     def pending_tokens(self, worker_id: str) -> int:
         """Tokens assigned to the worker that its last load report cannot include yet."""
@@ -172,10 +178,20 @@ class Router:
         return effective
 
     def mark_unhealthy(self, worker_id: str) -> None:
-        """Skip the worker until its load fetch answers again (a failed call reports it)."""
-        if worker_id not in self._unhealthy:
-            logger.warning("worker %s marked unhealthy", worker_id)
+        """A call to the worker failed: skip it until its load fetch answers again and its
+        circuit breaker's backoff (doubling per failure since its last success) has passed."""
+        backoff = self.breaker.failure(worker_id, time.monotonic())
+        logger.warning(
+            "worker %s marked unhealthy (failure %d: skipped for %.1f s, then until it answers)",
+            worker_id,
+            self.breaker.failures(worker_id),
+            backoff,
+        )
         self._unhealthy.add(worker_id)
+
+    def report_success(self, worker_id: str) -> None:
+        """A call to the worker went through (it streamed): its breaker closes."""
+        self.breaker.success(worker_id)
 
     # ---- refresh and poll ------------------------------------------------------------------
 
@@ -211,6 +227,7 @@ class Router:
                 for wid in [wid for wid in table if wid not in live]:
                     del table[wid]
             self._unhealthy &= live
+            self.breaker.retain(live)
         # A failed attempt counts too: a Redis outage must not turn every place() into a retry.
         self._refreshed_at = time.monotonic()
         self._refresh_gen += 1

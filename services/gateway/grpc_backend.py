@@ -153,6 +153,8 @@ class GrpcBackend(Backend):
                 if msg is grpc.aio.EOF:
                     break
                 assert isinstance(msg, pb.GenerateResponse)
+                if first:
+                    self.router.report_success(decode.worker_id)
                 first = False
                 yield msg
             done = True

@@ -12,6 +12,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from baton.router.breaker import CircuitBreaker
 from baton.router.policy import NoWorkerAvailable, WorkerLoad
 from baton.router.registry import (
     WorkerInfo,
@@ -204,7 +205,7 @@ def test_router_skips_unhealthy_worker_until_it_answers(url: str) -> None:
 
     async def body(r: aioredis.Redis) -> None:
         async with WorkerRegistration(r, info("d1")), WorkerRegistration(r, info("d2")):
-            router = Router(r, loads, poll_interval_s=0.05)
+            router = Router(r, loads, poll_interval_s=0.05, breaker=CircuitBreaker(0.2, 0.4))
             async with router:
                 assert (await router.place(10, "a")).decode.worker_id == "d1"
                 loads.down.add("d1")
@@ -223,10 +224,19 @@ def test_router_skips_unhealthy_worker_until_it_answers(url: str) -> None:
                 assert (await router.place(10, "c")).decode.worker_id == "d1"
                 router.mark_unhealthy("d1")  # a failed call reported by the gateway
                 assert (await router.place(10, "d")).decode.worker_id == "d2"
+                await router.poll_loads()  # d1 answers its probe, but its breaker is open
+                assert not router.is_healthy("d1")
+                await asyncio.sleep(0.25)  # the breaker's backoff passes: half open
                 loads.down.add("d2")
                 await router.poll_loads()
                 assert router.is_healthy("d1") and not router.is_healthy("d2")
                 assert (await router.place(10, "e")).decode.worker_id == "d1"
+                router.mark_unhealthy("d1")  # failing again: open twice as long
+                await router.poll_loads()
+                await asyncio.sleep(0.25)
+                assert not router.is_healthy("d1")
+                router.report_success("d1")  # a stream went through: closed
+                assert router.is_healthy("d1")
 
     run(body, url)
 
@@ -423,3 +433,19 @@ def test_a_frozen_redis_never_holds_a_placement() -> None:
         run(body, server.url)
     finally:
         server.stop()
+
+
+def test_circuit_breaker_backs_off_per_outage_and_closes_on_success() -> None:
+    breaker = CircuitBreaker(base_s=1.0, max_s=4.0)
+    assert breaker.failure("w", now=0.0) == 1.0
+    assert breaker.failure("w", now=0.5) == 0.5  # same outage: not counted again
+    assert breaker.is_open("w", 0.9) and not breaker.is_open("w", 1.0)
+    assert breaker.failure("w", now=1.0) == 2.0  # half open, failed again: twice as long
+    assert breaker.failure("w", now=3.0) == 4.0
+    assert breaker.failure("w", now=7.0) == 4.0  # capped
+    assert breaker.failures("w") == 4
+    breaker.success("w")
+    assert breaker.failures("w") == 0 and not breaker.is_open("w", 7.5)
+    breaker.failure("x", 0.0)
+    breaker.retain({"w"})
+    assert breaker.failures("x") == 0
