@@ -96,6 +96,8 @@ class Router:
         self._refresh_lock = asyncio.Lock()
         self._reported: dict[str, WorkerLoad] = {}
         self._unhealthy: set[str] = set()
+        self._slow: set[str] = set()
+        """Workers whose last load probe timed out: placed only when no healthy one can."""
         # request_id -> worker ids it was placed on (prefill and decode), until release().
         self._assignments: dict[str, tuple[str, ...]] = {}
         # worker_id -> {request_id: (num_tokens, placed_at)} for assignments that no load report
@@ -154,7 +156,11 @@ class Router:
         return [w for w in self._workers if self.is_healthy(w.worker_id)]
 
     def is_healthy(self, worker_id: str) -> bool:
-        """Its load probe answers and its circuit breaker is not open."""
+        """Its load probe answers in time and its circuit breaker is not open."""
+        return worker_id not in self._slow and self._usable(worker_id)
+
+    def _usable(self, worker_id: str) -> bool:
+        """Not known to fail: a slow probe aside, it may take a request."""
         return worker_id not in self._unhealthy and not self.breaker.is_open(
             worker_id, time.monotonic()
         )
@@ -227,6 +233,7 @@ class Router:
                 for wid in [wid for wid in table if wid not in live]:
                     del table[wid]
             self._unhealthy &= live
+            self._slow &= live
             self.breaker.retain(live)
         # A failed attempt counts too: a Redis outage must not turn every place() into a retry.
         self._refreshed_at = time.monotonic()
@@ -252,27 +259,40 @@ class Router:
         return sorted([*listed, *kept], key=lambda w: w.worker_id)
 
     async def poll_loads(self) -> None:
-        """Fetch every registered worker's load once, concurrently."""
-        await asyncio.gather(*(self._poll_one(w) for w in list(self._workers)))
+        """Fetch every registered worker's load once, concurrently. A probe that timed out
+        makes its worker slow (placed only when no other can take a request); when every
+        probe of a round timed out, the fault is this side's (its loop or host is starved):
+        no verdict on any worker."""
+        workers = list(self._workers)
+        timed_out = await asyncio.gather(*(self._poll_one(w) for w in workers))
+        late = [w for w, t in zip(workers, timed_out, strict=True) if t]
+        if late and len(late) == len(workers) and len(workers) > 1:
+            logger.warning("every load probe timed out: the gateway is starved; no verdict")
+            return
+        for worker in late:
+            if worker.worker_id not in self._slow:
+                logger.warning("load probe of %s (%s) timed out", worker.worker_id, worker.address)
+            self._slow.add(worker.worker_id)
 
-    async def _poll_one(self, worker: WorkerInfo) -> None:
+    async def _poll_one(self, worker: WorkerInfo) -> bool:
+        """One probe; True when it timed out (poll_loads decides what that means)."""
         wid = worker.worker_id
         fetch_started = time.monotonic()
         try:
             load = await asyncio.wait_for(self.load_fetcher(worker), self.fetch_timeout_s)
         except TimeoutError:
-            if time.monotonic() - fetch_started > 2 * self.fetch_timeout_s:
-                return  # the loop stalled, not (necessarily) the worker: no verdict
-            self._fetch_failed(worker, "timed out")
-            return
+            # A wait that took far past its timeout: the loop stalled, not (necessarily) the
+            # worker: no verdict.
+            return time.monotonic() - fetch_started <= 2 * self.fetch_timeout_s
         except Exception as e:
             self._fetch_failed(worker, repr(e))
-            return
+            return False
+        self._slow.discard(wid)
         if load.draining:
             if wid not in self._unhealthy:
                 logger.info("worker %s is draining; placing nothing more there", wid)
             self._unhealthy.add(wid)
-            return
+            return False
         if wid in self._unhealthy:
             logger.info("worker %s answers again", wid)
             self._unhealthy.discard(wid)
@@ -283,6 +303,7 @@ class Router:
         if pending:
             for rid in [rid for rid, (_, t) in pending.items() if t < fetch_started]:
                 del pending[rid]
+        return False
 
     def _fetch_failed(self, worker: WorkerInfo, why: str) -> None:
         if worker.worker_id not in self._unhealthy:
@@ -308,7 +329,14 @@ class Router:
             placement = self._choose(num_prompt_tokens)
         except NoWorkerAvailable:
             await self.refresh_workers()
-            placement = self._choose(num_prompt_tokens)
+            try:
+                placement = self._choose(num_prompt_tokens)
+            except NoWorkerAvailable:
+                # Better a slow worker than a 503: one whose probe timed out may still serve.
+                slow = [w for w in self._workers if w.worker_id in self._slow]
+                placement = self._choose(
+                    num_prompt_tokens, [w for w in slow if self._usable(w.worker_id)]
+                )
         self._rr_counter += 1
 
         chosen = (
@@ -323,9 +351,9 @@ class Router:
             self._unreflected.setdefault(wid, {})[request_id] = (num_prompt_tokens, now)
         return placement
 
-    def _choose(self, num_prompt_tokens: int) -> Placement:
+    def _choose(self, num_prompt_tokens: int, workers: list[WorkerInfo] | None = None) -> Placement:
         return choose_placement(
-            self.healthy_workers(),
+            self.healthy_workers() if workers is None else workers,
             self.loads(),
             num_prompt_tokens,
             self.policy,

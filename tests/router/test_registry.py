@@ -449,3 +449,42 @@ def test_circuit_breaker_backs_off_per_outage_and_closes_on_success() -> None:
     breaker.failure("x", 0.0)
     breaker.retain({"w"})
     assert breaker.failures("x") == 0
+
+
+def test_slow_probes_cost_a_worker_its_turn_not_its_requests(url: str) -> None:
+    """A probe that times out makes its worker slow: skipped while another can serve, used
+    rather than a 503. When every probe of a round times out the gateway is the one starved
+    (a loaded host): no verdict on anyone."""
+
+    class Hung(FixedLoads):
+        hung: frozenset[str] = frozenset()
+
+        async def __call__(self, worker: WorkerInfo) -> WorkerLoad:
+            if worker.worker_id in self.hung:
+                await asyncio.sleep(10)
+            return await super().__call__(worker)
+
+    loads = Hung({"d1": 0, "d2": 500})
+
+    async def body(r: aioredis.Redis) -> None:
+        async with (
+            WorkerRegistration(r, info("d1")),
+            WorkerRegistration(r, info("d2")),
+            Router(r, loads, poll_interval_s=3600, fetch_timeout_s=0.1) as router,
+        ):
+            loads.hung = frozenset({"d1", "d2"})
+            await router.poll_loads()
+            assert router.is_healthy("d1") and router.is_healthy("d2")
+            loads.hung = frozenset({"d1"})
+            await router.poll_loads()
+            assert not router.is_healthy("d1") and router.is_healthy("d2")
+            assert (await router.place(10, "a")).decode.worker_id == "d2"  # though busier
+            loads.down.add("d2")
+            await router.poll_loads()
+            assert (await router.place(10, "b")).decode.worker_id == "d1"  # the last resort
+            loads.hung = frozenset()
+            loads.down.clear()
+            await router.poll_loads()
+            assert router.is_healthy("d1") and router.is_healthy("d2")
+
+    run(body, url)
