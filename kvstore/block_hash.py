@@ -70,7 +70,18 @@ def hash_blocks(
         raise ValueError(f"block_size must be positive, got {block_size}")
     keys: list[BlockHash] = []
     num_full = len(token_ids) // block_size
-    for i in range(start_block, num_full):
-        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra)
+    if num_full <= start_block:
+        return keys
+    # One conversion for every block (not one per block): the bytes hash_block would feed.
+    lo, hi = start_block * block_size, num_full * block_size
+    raw = np.asarray(token_ids[lo:hi], dtype="<u4").tobytes()
+    step = block_size * 4
+    root = ROOT_PARENT
+    for offset in range(0, len(raw), step):
+        h = hashlib.blake2b(digest_size=HASH_BYTES)
+        h.update(parent if parent is not None else root)
+        h.update(raw[offset : offset + step])
+        h.update(extra)
+        parent = h.digest()
         keys.append(parent)
     return keys

@@ -34,7 +34,7 @@ class CircuitBreaker:
         if now < state.open_until:
             return state.open_until - now  # the same outage, seen by another call
         state.failures += 1
-        backoff = min(self.base_s * 2 ** (state.failures - 1), self.max_s)
+        backoff: float = min(self.base_s * 2.0 ** (state.failures - 1), self.max_s)
         state.open_until = now + backoff
         return backoff
 

@@ -63,6 +63,9 @@ class WorkerInfo:
     started_unix_s: float
     metrics_address: str = ""
     """host:port of the worker's Prometheus /metrics endpoint ("" when it has none)."""
+    kv_block_bytes: int = 0
+    """KV bytes of one block on this worker (all layers, K and V); 0 = unknown, and the
+    router's cost model prices a block at its default bytes per token (router/cost_model.py)."""
     proof: str = ""
     """HMAC of every other field under the cluster token (services/cluster_auth.py): what
     tells the gateway this entry was written by one of its own workers."""
@@ -77,6 +80,8 @@ class WorkerInfo:
             raise ValueError(f"address must be host:port, got {self.address!r}")
         if self.num_kv_blocks < 0 or self.block_size < 1:
             raise ValueError("num_kv_blocks must be >= 0 and block_size >= 1")
+        if self.kv_block_bytes < 0:
+            raise ValueError(f"kv_block_bytes must be >= 0, got {self.kv_block_bytes}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -114,6 +119,8 @@ class WorkerInfo:
                 transport=_typed(raw, "transport", str),
                 started_unix_s=float(_typed(raw, "started_unix_s", (int, float))),
                 metrics_address=str(raw.get("metrics_address", "")),
+                # Absent in entries of workers that predate it: unknown.
+                kv_block_bytes=_typed(raw, "kv_block_bytes", int) if "kv_block_bytes" in raw else 0,
                 proof=str(raw.get("proof", "")),
             )
         except KeyError as e:

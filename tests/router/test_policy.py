@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from baton.router.policy import NoWorkerAvailable, Placement, WorkerLoad, choose_placement
+from baton.router.policy import (
+    POLICIES,
+    NoWorkerAvailable,
+    Placement,
+    WorkerLoad,
+    canonical_policy,
+    choose_placement,
+)
 from baton.router.registry import WorkerInfo
 
 
@@ -81,12 +88,31 @@ def test_round_robin_cycles_each_pool_in_worker_id_order() -> None:
     loads = {"d1": load("d1", 0)}  # ignored by round robin
     decodes, prefills = [], []
     for rr in range(6):
-        placement = choose_placement(workers, loads, 32, policy="round_robin", rr_counter=rr)
+        placement = choose_placement(workers, loads, 32, policy="round-robin", rr_counter=rr)
         decodes.append(placement.decode.worker_id)
         assert placement.prefill is not None
         prefills.append(placement.prefill.worker_id)
     assert decodes == ["d1", "d2", "d3", "d1", "d2", "d3"]
     assert prefills == ["p1"] * 6
+
+
+def test_old_policy_names_are_aliases() -> None:
+    workers = [worker("d2"), worker("d1")]
+    loads = {"d1": load("d1", 9), "d2": load("d2", 1)}
+    for old, new in (("least_load", "least-loaded"), ("round_robin", "round-robin")):
+        assert old in POLICIES and canonical_policy(old) == new
+        assert choose_placement(workers, loads, 8, policy=old) == choose_placement(
+            workers, loads, 8, policy=new
+        )
+    assert tuple(POLICIES) == ("kv", "least-loaded", "round-robin")
+    assert "random" not in POLICIES
+
+
+def test_kv_policy_without_matches_places_by_load() -> None:
+    workers = [worker("d1"), worker("d2"), worker("p1", "prefill")]
+    loads = {"d1": load("d1", 4000), "d2": load("d2", 100)}
+    placement = choose_placement(workers, loads, 64, policy="kv", local_prefill_max_tokens=256)
+    assert placement == Placement(prefill=None, decode=workers[1])
 
 
 def test_short_prompt_is_prefilled_on_the_decode_worker() -> None:
