@@ -59,6 +59,11 @@ class WorkerStub:
                 request_serializer=baton_dot_proto_dot_worker__pb2.LoadStatsRequest.SerializeToString,
                 response_deserializer=baton_dot_proto_dot_worker__pb2.LoadStats.FromString,
                 _registered_method=True)
+        self.GetCachedBlocks = channel.unary_unary(
+                '/baton.v1.Worker/GetCachedBlocks',
+                request_serializer=baton_dot_proto_dot_worker__pb2.CachedBlocksRequest.SerializeToString,
+                response_deserializer=baton_dot_proto_dot_worker__pb2.CachedBlocks.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -94,6 +99,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCachedBlocks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetLoadStats,
                     request_deserializer=baton_dot_proto_dot_worker__pb2.LoadStatsRequest.FromString,
                     response_serializer=baton_dot_proto_dot_worker__pb2.LoadStats.SerializeToString,
+            ),
+            'GetCachedBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCachedBlocks,
+                    request_deserializer=baton_dot_proto_dot_worker__pb2.CachedBlocksRequest.FromString,
+                    response_serializer=baton_dot_proto_dot_worker__pb2.CachedBlocks.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class Worker:
             '/baton.v1.Worker/GetLoadStats',
             baton_dot_proto_dot_worker__pb2.LoadStatsRequest.SerializeToString,
             baton_dot_proto_dot_worker__pb2.LoadStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCachedBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Worker/GetCachedBlocks',
+            baton_dot_proto_dot_worker__pb2.CachedBlocksRequest.SerializeToString,
+            baton_dot_proto_dot_worker__pb2.CachedBlocks.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ _LOG_CANDIDATES = 4
 """Candidates a log line lists (best first)."""
 
 
+RECOMPUTE_WEIGHT = 1.0
+"""Weight of recompute time beyond its share of TTFT (CandidateCost.score_s)."""
+
+
 @dataclass(frozen=True)
 class CandidateCost:
     """One priced option: where it runs and what its predicted TTFT is made of (seconds)."""
@@ -64,11 +68,20 @@ class CandidateCost:
     def local(self) -> bool:
         return self.prefill_id is None
 
+    @property
+    def score_s(self) -> float:
+        """What the choice minimises: the predicted TTFT plus the compute the option spends
+        on prompt tokens it recomputes (RECOMPUTE_WEIGHT times its prefill time). A token
+        recomputed costs this request its time, and every request queued behind it the same
+        again: of two options with equal TTFT, the one that reuses cached KV wins (a burst of
+        one prefix stays on the worker computing it, rather than computing it twice)."""
+        return self.ttft_s + RECOMPUTE_WEIGHT * self.prefill_s
+
     def sort_key(self) -> tuple[float, int, bool, int, int, str, str]:
-        """Least TTFT; ties: deeper decode hit, local before remote, deeper prefill hit,
-        less load, worker ids. TTFT is rounded to the nanosecond so float noise is a tie."""
+        """Least score; ties: deeper decode hit, local before remote, deeper prefill hit,
+        less load, worker ids. Rounded to the nanosecond so float noise is a tie."""
         return (
-            round(self.ttft_s, 9),
+            round(self.score_s, 9),
             -self.decode_matched_blocks,
             not self.local,
             -self.prefill_matched_blocks,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from baton.router.registry import WorkerInfo
@@ -28,30 +27,14 @@ if TYPE_CHECKING:
     from baton.router.kv_policy import RouteDecision
     from baton.router.prefix_index import PrefixMatch
 
-POLICY_ALIASES: Mapping[str, str] = MappingProxyType(
-    {"least_load": "least-loaded", "round_robin": "round-robin"}
-)
-"""Names the policies had before the CLI's spelling; still accepted everywhere."""
-
-
-class _PolicyNames(tuple[str, ...]):
-    """The policy names. `in` also accepts POLICY_ALIASES, so that a caller still checking
-    `policy in POLICIES` with an old name (router.py's default, the gateway's `--policy`
-    argparse choices) keeps working; iterating lists only the current names."""
-
-    def __contains__(self, name: object, /) -> bool:
-        return tuple.__contains__(self, name) or name in POLICY_ALIASES
-
-
-POLICIES: tuple[str, ...] = _PolicyNames(("kv", "least-loaded", "round-robin"))
+POLICIES: tuple[str, ...] = ("kv", "least-loaded", "round-robin")
 DEFAULT_POLICY = "kv"
 
 
 def canonical_policy(name: str) -> str:
-    """The policy's current name (an alias mapped); ValueError on an unknown one."""
-    name = POLICY_ALIASES.get(name, name)
-    if not tuple.__contains__(POLICIES, name):
-        raise ValueError(f"unknown placement policy {name!r}; choose from {tuple(POLICIES)}")
+    """name, checked: ValueError on an unknown policy."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown placement policy {name!r}; choose from {POLICIES}")
     return name
 
 

@@ -5,7 +5,11 @@ every second or on demand) and each worker's load (polled by a caller-provided f
 gateway's gRPC call, about every half second). Between two polls the reported load is stale, so
 the router adds the prompt tokens it has assigned since (pending tokens) — otherwise a burst of
 requests inside one poll interval would all land on the same "least loaded" worker.
-The choice itself is `policy.choose_placement`, a pure function.
+The choice itself is `policy.decide`, a pure function: under "kv" the decode worker and the
+prefill worker (or none) with the least predicted time to first token, from the prefix index's
+matches of the prompt's block keys (router/prefix_index.py, fed by the workers' KV events) and
+the loads, priced by an online cost model (router/cost_model.py) that learns from what the
+gateway observes (observe()); every decision is a RouteDecision, logged and returned.
 
 The registry is soft state (docs/design.md §4): a worker missing from it (Redis restarted and
 came back empty, a heartbeat lost) stays placeable for `missing_grace_s` while its own load
@@ -23,21 +27,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from baton.kvstore.block_hash import BlockHashExtra, hash_blocks
 from baton.router.breaker import CircuitBreaker
+from baton.router.cost_model import OnlineCostModel
+from baton.router.kv_policy import RouteDecision
 from baton.router.policy import (
-    POLICIES,
+    DEFAULT_POLICY,
     NoWorkerAvailable,
-    Placement,
     WorkerLoad,
-    choose_placement,
+    canonical_policy,
+    decide,
 )
+from baton.router.prefix_index import BlockKey, PrefixIndex, PrefixMatch
 from baton.router.registry import WorkerInfo, list_workers
 
 if TYPE_CHECKING:
@@ -45,7 +53,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_NO_MATCH = PrefixMatch(0, {})
+
 LoadFetcher = Callable[[WorkerInfo], Awaitable[WorkerLoad]]
+
+
+@dataclass(frozen=True)
+class FirstTokenReport:
+    """What a request's first message says about how its first token came about."""
+
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    prefilled_remotely: bool
+    queue_s: float
+    prefill_s: float
+    transfer_s: float
+    kv_bytes_received: int
+
+
 """Asks one worker for its load (the gateway's gRPC call); raising marks the worker unhealthy."""
 
 
@@ -63,27 +88,32 @@ class Router:
         load_fetcher: LoadFetcher,
         *,
         model: str | None = None,
-        policy: str = "least_load",
+        policy: str = DEFAULT_POLICY,
         refresh_interval_s: float = 1.0,
         poll_interval_s: float = 0.5,
         fetch_timeout_s: float = 1.0,
         refresh_timeout_s: float = 2.0,
-        local_prefill_max_tokens: int = 0,
+        local_prefill_min_tokens: int = 0,
         token: str = "",
         missing_grace_s: float = 15.0,
         breaker: CircuitBreaker | None = None,
+        index: PrefixIndex | None = None,
+        cost: OnlineCostModel | None = None,
     ) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown placement policy {policy!r}; choose from {POLICIES}")
         self.redis = redis
         self.load_fetcher = load_fetcher
         self.model = model
-        self.policy = policy
+        self.policy = canonical_policy(policy)
+        self.index = index
+        """Which worker holds which block (None: no index, every match is empty)."""
+        self.on_workers: Callable[[Sequence[WorkerInfo]], None] | None = None
+        """Told the worker list after every refresh (the KV events reader follows it)."""
+        self.cost = cost or OnlineCostModel()
         self.refresh_interval_s = refresh_interval_s
         self.poll_interval_s = poll_interval_s
         self.fetch_timeout_s = fetch_timeout_s
         self.refresh_timeout_s = refresh_timeout_s
-        self.local_prefill_max_tokens = local_prefill_max_tokens
+        self.local_prefill_min_tokens = local_prefill_min_tokens
         self.token = token
         self.missing_grace_s = missing_grace_s
         self.breaker = breaker or CircuitBreaker()
@@ -104,6 +134,9 @@ class Router:
         # from that worker can include yet (placed after the last successful fetch began).
         self._unreflected: dict[str, dict[str, tuple[int, float]]] = {}
         self._rr_counter = 0
+        self._pending_keys: dict[str, dict[BlockKey, int]] = {}
+        """worker → block keys of the prompts placed there and still running (with counts)."""
+        self._pending_of: dict[str, tuple[str, list[BlockKey]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -228,6 +261,8 @@ class Router:
         else:
             workers = self._merge(listed, time.monotonic())
             self._workers = workers
+            if self.on_workers is not None:
+                self.on_workers(workers)
             live = {w.worker_id for w in workers}
             for table in (self._reported, self._unreflected):
                 for wid in [wid for wid in table if wid not in live]:
@@ -314,31 +349,47 @@ class Router:
 
     # ---- placement -------------------------------------------------------------------------
 
-    async def place(self, num_prompt_tokens: int, request_id: str) -> Placement:
+    async def place(
+        self, prompt: int | Sequence[int], request_id: str, cache_salt: str = ""
+    ) -> RouteDecision:
         """Choose workers for a request and count its tokens on them until release(request_id).
 
-        Raises NoWorkerAvailable when no healthy decode/mixed worker is registered (after one
-        on-demand refresh: a worker may have registered since the cache was filled). Never
-        waits on Redis longer than refresh_timeout_s.
+        prompt: the prompt's token ids (matched against the prefix index under cache_salt, the
+        tenant's salt), or only its length (nothing matched). Raises NoWorkerAvailable when no
+        healthy decode/mixed worker is registered (after one on-demand refresh: a worker may
+        have registered since the cache was filled). Never waits on Redis longer than
+        refresh_timeout_s.
         """
         if request_id in self._assignments:
             raise ValueError(f"request {request_id!r} is already placed")
+        num_prompt_tokens = prompt if isinstance(prompt, int) else len(prompt)
+        tokens: Sequence[int] = () if isinstance(prompt, int) else prompt
+        hashed: dict[tuple[str, int], list[BlockKey]] = {}
+
+        def keys_of(model: str, block_size: int) -> list[BlockKey]:
+            """The prompt's block keys as `model`'s engines key them (kvstore/block_hash.py:
+            the model id and the tenant's salt), hashed once per request."""
+            if (model, block_size) not in hashed:
+                extra = BlockHashExtra(model, cache_salt).encode()
+                hashed[model, block_size] = hash_blocks(tokens, block_size, extra)
+            return hashed[model, block_size]
+
         # The background loop keeps the cache fresh: Redis is off the request path unless the
         # cache has no worker for this request, and then it is asked once, under a deadline.
         try:
-            placement = self._choose(num_prompt_tokens)
+            decision = self._choose(keys_of, num_prompt_tokens)
         except NoWorkerAvailable:
             await self.refresh_workers()
             try:
-                placement = self._choose(num_prompt_tokens)
+                decision = self._choose(keys_of, num_prompt_tokens)
             except NoWorkerAvailable:
                 # Better a slow worker than a 503: one whose probe timed out may still serve.
                 slow = [w for w in self._workers if w.worker_id in self._slow]
-                placement = self._choose(
-                    num_prompt_tokens, [w for w in slow if self._usable(w.worker_id)]
-                )
+                usable = [w for w in slow if self._usable(w.worker_id)]
+                decision = self._choose(keys_of, num_prompt_tokens, usable)
         self._rr_counter += 1
-
+        logger.debug("%s %s", request_id, decision.log_line())
+        placement = decision.placement
         chosen = (
             [placement.decode]
             if placement.prefill is None
@@ -349,20 +400,109 @@ class Router:
         self._assignments[request_id] = ids
         for wid in ids:
             self._unreflected.setdefault(wid, {})[request_id] = (num_prompt_tokens, now)
-        return placement
+        if tokens:
+            decode = placement.decode
+            self._hold_pending(
+                request_id, decode.worker_id, keys_of(decode.model, decode.block_size)
+            )
+        return decision
 
-    def _choose(self, num_prompt_tokens: int, workers: list[WorkerInfo] | None = None) -> Placement:
-        return choose_placement(
-            self.healthy_workers() if workers is None else workers,
-            self.loads(),
-            num_prompt_tokens,
+    def _choose(
+        self,
+        keys_of: Callable[[str, int], list[BlockKey]],
+        num_prompt_tokens: int,
+        workers: list[WorkerInfo] | None = None,
+    ) -> RouteDecision:
+        workers = self.healthy_workers() if workers is None else workers
+        block_size = next((w.block_size for w in workers if w.role != "prefill"), 16)
+        return decide(
             self.policy,
+            workers,
+            self.loads(),
+            self._matches(lambda model: keys_of(model, block_size), workers, block_size),
+            num_prompt_tokens,
+            block_size,
+            self.cost.snapshot(),
             self._rr_counter,
-            local_prefill_max_tokens=self.local_prefill_max_tokens,
+            self.local_prefill_min_tokens,
         )
+
+    def _matches(
+        self,
+        keys_of: Callable[[str], list[BlockKey]],
+        workers: list[WorkerInfo],
+        block_size: int,
+    ) -> dict[str, PrefixMatch]:
+        """Each worker's leading blocks of the prompt: those the index has from its events,
+        then those of prompts placed there and still running (their KV is being computed
+        there now, not yet reported: a burst of one prefix must not spread over workers)."""
+        if self.index is None or not workers:
+            return {}
+        by_model: dict[str, list[str]] = {}
+        for w in workers:
+            if w.block_size == block_size:
+                by_model.setdefault(w.model, []).append(w.worker_id)
+        matches: dict[str, PrefixMatch] = {}
+        for model, ids in by_model.items():
+            keys = keys_of(model)
+            if not keys:
+                continue
+            indexed = self.index.match(keys, ids)
+            for wid in ids:
+                matches[wid] = self._with_pending(wid, keys, indexed.get(wid, _NO_MATCH))
+        return matches
+
+    def _with_pending(self, wid: str, keys: list[BlockKey], match: PrefixMatch) -> PrefixMatch:
+        pending = self._pending_keys.get(wid)
+        if not pending:
+            return match
+        depth = match.num_blocks
+        while depth < len(keys) and keys[depth] in pending:
+            depth += 1
+        if depth == match.num_blocks:
+            return match
+        by_tier = dict(match.blocks_by_tier)
+        by_tier["device"] = by_tier.get("device", 0) + depth - match.num_blocks
+        return PrefixMatch(depth, by_tier)
+
+    def _hold_pending(self, request_id: str, wid: str, keys: list[BlockKey]) -> None:
+        table = self._pending_keys.setdefault(wid, {})
+        for key in keys:
+            table[key] = table.get(key, 0) + 1
+        self._pending_of[request_id] = (wid, keys)
+
+    def _drop_pending(self, request_id: str) -> None:
+        wid, keys = self._pending_of.pop(request_id, ("", []))
+        table = self._pending_keys.get(wid)
+        if table is None:
+            return
+        for key in keys:
+            left = table.get(key, 0) - 1
+            if left > 0:
+                table[key] = left
+            else:
+                table.pop(key, None)
+
+    def observe(self, decision: RouteDecision, first: FirstTokenReport) -> None:
+        """What the request's first message reported: the cost model learns from it."""
+        decode = decision.placement.decode.worker_id
+        prefill = decision.placement.prefill
+        computed = max(first.num_prompt_tokens - first.num_cached_tokens, 0)
+        if first.prefilled_remotely and prefill is not None:
+            self.cost.observe_prefill(prefill.worker_id, computed, first.prefill_s)
+            transport = decision.placement.decode.transport
+            self.cost.observe_transfer(
+                f"handoff:{transport}", first.kv_bytes_received, first.transfer_s
+            )
+        elif not first.prefilled_remotely:
+            self.cost.observe_prefill(decode, computed, first.prefill_s)
+        ahead = self.loads().get(decode)
+        if ahead is not None:
+            self.cost.observe_queue(decode, ahead.num_outstanding_tokens, first.queue_s)
 
     def release(self, request_id: str) -> None:
         """The request finished or was aborted; releasing twice (or an unknown id) is a no-op."""
+        self._drop_pending(request_id)
         for wid in self._assignments.pop(request_id, ()):
             pending = self._unreflected.get(wid)
             if pending is not None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from baton.loadgen.cli import add_bench_arguments, run_bench
-from baton.router.policy import POLICIES
+from baton.router.policy import DEFAULT_POLICY, POLICIES
 from baton.services.config_cli import (
     add_config_flags,
     flat_fields,
@@ -208,7 +208,8 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     deadlines = from_namespace(StreamDeadlines, a)
     limits = from_namespace(GatewayLimits, a)
     keys = tuple(a.api_key)
-    run_gateway(a.host, a.port, a.redis_url, a.model, keys, a.policy, deadlines, limits=limits)
+    policy = a.router_policy
+    run_gateway(a.host, a.port, a.redis_url, a.model, keys, policy, deadlines, limits=limits)
     return 0
 
 
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted Bearer key (repeatable); also $BATON_API_KEYS, comma-separated, and "
         "$BATON_API_KEY",
     )
-    gateway.add_argument("--policy", default="least_load", choices=POLICIES)
+    gateway.add_argument("--router-policy", default=DEFAULT_POLICY, choices=POLICIES)
     add_config_flags(gateway, StreamDeadlines)
     add_config_flags(gateway, GatewayLimits)
     gateway.set_defaults(func=cmd_gateway)

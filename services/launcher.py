@@ -33,8 +33,9 @@ from pathlib import Path
 from redis import Redis
 
 from baton.kvstore.transports.registry import transport_names
+from baton.router.policy import DEFAULT_POLICY, POLICIES
 from baton.router.registry import WorkerInfo
-from baton.services.child_process import die_with_parent
+from baton.services.child_process import dying_with_parent
 from baton.services.cluster_auth import CLUSTER_TOKEN_ENV, REDIS_URL_ENV, new_secret
 from baton.services.config_cli import CHOICES, FLAG, to_argv, to_json
 from baton.services.engine.config import EngineConfig
@@ -63,6 +64,9 @@ class ServeConfig:
     """One mixed worker: no prefill → decode handoff."""
     transport: str = field(default="tcp", metadata={CHOICES: transport_names})
     """KV transport for the prefill → decode handoff."""
+    router_policy: str = field(default=DEFAULT_POLICY, metadata={CHOICES: POLICIES})
+    """How the gateway places requests: "kv" (least predicted time to first token, from the
+    workers' cached prefixes and loads), "least-loaded" or "round-robin"."""
     redis_url: str = ""
     """An existing Redis for the worker registry; empty: start a Redis server for this run."""
     remote_prefill_min_tokens: int = 32
@@ -143,6 +147,8 @@ def gateway_cmd(config: ServeConfig) -> list[str]:
         str(config.port),
         "--model",
         config.engine.model,
+        "--router-policy",
+        config.router_policy,
         *to_argv(config.deadlines),
         *to_argv(config.limits),
     ]
@@ -242,12 +248,11 @@ class Cluster:
         # terminal's Ctrl-C reaches `baton serve` only, which then drains the children in order.
         with open(log, "ab") as out:
             return subprocess.Popen(
-                cmd,
+                dying_with_parent(cmd),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
             )
 
     # ---- supervision -------------------------------------------------------------------------

@@ -118,6 +118,37 @@ class MetricFamilies:
             (*REQUEST_LABELS, "reason"),
             registry=r,
         )
+        self.router_decisions = Counter(
+            "baton:router_decisions_total",
+            "Placements by policy and prefill (local: on the decode worker; remote).",
+            (*REQUEST_LABELS, "policy", "prefill"),
+            registry=r,
+        )
+        self.router_matched_blocks = Counter(
+            "baton:router_matched_blocks_total",
+            "Prompt blocks the chosen decode worker already held, per the router's index.",
+            REQUEST_LABELS,
+            registry=r,
+        )
+        self.router_prompt_blocks = Counter(
+            "baton:router_prompt_blocks_total",
+            "Full prompt blocks of placed requests (matched / prompt = the predicted hit rate).",
+            REQUEST_LABELS,
+            registry=r,
+        )
+        # Signed: predicted minus observed time to first token, -40 s .. +40 s.
+        error_buckets = tuple(
+            sorted(
+                {-b for b in TTFT_BUCKETS if b <= 40} | {0.0} | {b for b in TTFT_BUCKETS if b <= 40}
+            )
+        )
+        self.router_ttft_error = Histogram(
+            "baton:router_ttft_prediction_error_seconds",
+            "The router's predicted time to first token minus the one observed (from placement).",
+            REQUEST_LABELS,
+            registry=r,
+            buckets=error_buckets,
+        )
 
     def _build_worker_families(self, r: CollectorRegistry) -> None:
         def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -235,6 +266,19 @@ class Metrics:
     def request_rejected(self, reason: str) -> Counter:
         """The counter for one reason a request was refused ("max_concurrent_requests")."""
         return self.families.request_rejected.labels(self.model_name, reason)
+
+    def observe_route(
+        self, policy: str, remote: bool, matched_blocks: int, prompt_blocks: int
+    ) -> None:
+        """One placement: its policy, local or remote prefill, and the index's hit."""
+        f = self.families
+        f.router_decisions.labels(self.model_name, policy, "remote" if remote else "local").inc()
+        f.router_matched_blocks.labels(self.model_name).inc(matched_blocks)
+        f.router_prompt_blocks.labels(self.model_name).inc(prompt_blocks)
+
+    @cached_property
+    def router_ttft_error(self) -> Histogram:
+        return self.families.router_ttft_error.labels(self.model_name)
 
     # ---- worker-side, labels (model_name, role) ------------------------------------------------
 

@@ -22,7 +22,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from baton.services.child_process import die_with_parent
+from baton.services.child_process import dying_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -173,12 +173,11 @@ class RedisServer:
         # Its own session: a terminal's Ctrl-C must not kill Redis before the workers, whose
         # drain deregisters them there, have stopped (baton serve stops it last).
         self._proc = subprocess.Popen(
-            args,
+            dying_with_parent(args),  # a supervisor killed by SIGKILL leaves no Redis behind
             cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=die_with_parent,  # a supervisor killed by SIGKILL leaves no Redis behind
         )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:

@@ -92,6 +92,10 @@ class BlockPool:
     def lookup(self, block_hash: BlockHash) -> KVBlock | None:
         return self._cached.get(block_hash)
 
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every key findable now (the prefix-cache map's keys, in no particular order)."""
+        return list(self._cached)
+
     def take(self, blocks: Iterable[KVBlock]) -> None:
         """Add a reference to each block (a prefix hit), pulling free ones out of the queue."""
         for block in blocks:

@@ -15,7 +15,13 @@ from baton.services.engine.cuda_graphs import DecodeGraphs
 from baton.services.engine.executor import Executor, RankKVLayout
 from baton.services.engine.kv_cache_manager import KVCacheManager
 from baton.services.engine.kv_connector import KVConnector
-from baton.services.engine.kv_events import KVEventPublisher, StorageTier
+from baton.services.engine.kv_events import (
+    CachedBlocks,
+    KVEvent,
+    KVEventPublisher,
+    KVEventsLost,
+    StorageTier,
+)
 from baton.services.engine.models.base import CausalLM
 from baton.services.engine.outputs import EngineStats
 from baton.services.engine.request import Request, RequestStatus
@@ -107,7 +113,7 @@ class EngineCore:
         if done is not None:
             outputs += self.scheduler.update_from_output(done[0], self.executor.collect(done[1]))
         # Evictions of this schedule and blocks published by this update: one batch per step.
-        self.kv_events.publish(self.kv.take_events())
+        self._publish_kv_events()
         return outputs
 
     @property
@@ -149,6 +155,35 @@ class EngineCore:
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (benchmarks: each run starts cold)."""
         self.kv.reset_prefix_cache()
+
+    # ---- KV events (kv_events.py): what routers learn of this engine's prefix cache ----------
+
+    def kv_events_after(self, event_id: int) -> list[KVEvent]:
+        """The KV events published after event_id (0: from the first), oldest first.
+
+        When some of them are no longer held (the ring dropped them unread) it returns every
+        event still held: the gap in the ids tells the consumers downstream to resync.
+        """
+        self._publish_kv_events()
+        try:
+            return self.kv_events.events_since(event_id)
+        except KVEventsLost:
+            return self.kv_events.events_since(
+                self.kv_events.last_event_id - self.kv_events.num_held
+            )
+
+    def cached_block_hashes(self) -> CachedBlocks:
+        """Every key findable in the prefix cache, with the id of the last event published:
+        taken together, so the keys are what replaying events 1..last_event_id builds."""
+        self._publish_kv_events()
+        return CachedBlocks(
+            self.kv_events.tier, self.kv_events.last_event_id, tuple(self.kv.cached_block_hashes())
+        )
+
+    def _publish_kv_events(self) -> None:
+        # Between steps only commands (a cache reset, a snapshot request) leave raw events
+        # behind; publishing them here makes what a reader sees match the pool now.
+        self.kv_events.publish(self.kv.take_events())
 
     # ---- what the engine runs on -------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from baton.kvstore.block_hash import BlockHash
 from baton.services.engine.block_pool import BlockPool, KVBlock
 from baton.services.engine.kv_events import BlockEvent
 from baton.services.engine.request import Request
@@ -126,6 +127,10 @@ class KVCacheManager:
     def take_events(self) -> list[BlockEvent]:
         """The pool's raw block events since the last call, oldest first."""
         return self.pool.take_events()
+
+    def cached_block_hashes(self) -> list[BlockHash]:
+        """Every key findable in the prefix cache now."""
+        return self.pool.cached_hashes()
 
     def request_snapshot(self) -> None:
         """Make the next take_events() a snapshot (CLEARED, then every cached block): what a

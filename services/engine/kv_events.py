@@ -2,10 +2,12 @@
 
 Two layers:
     BlockPool --BlockEvent (raw, one per block)--> KVEventPublisher --KVEvent (typed, with
-    identity)--> a consumer (none writes them to Redis Streams yet).
+    identity)--> a consumer (the worker's services/worker/kv_event_stream.py, which writes them
+    to its Redis Stream for routers: router/kv_events_reader.py).
 The pool records raw events as blocks become findable or stop being so; the engine drains them
 once per step (`KVCacheManager.take_events()`) into the publisher, which batches one step's raw
-events into KVEvents, numbers them and keeps the newest in a bounded ring.
+events into KVEvents, numbers them and keeps the newest in a bounded ring. Consumers outside the
+engine ask EngineCore: `kv_events_after(id)` and `cached_block_hashes()` (a CachedBlocks).
 
 A consumer's index is rebuilt by replaying events in id order:
     BlocksStored   add each block under its parent (the first block's parent is `parent_hash`,
@@ -17,9 +19,11 @@ the router and the store compute, so an event carries keys only, never token ids
 
 Nothing here grows without bound: the pool collapses an undrained buffer into a snapshot and the
 publisher's ring drops its oldest events (counting them). A consumer that misses events (dropped,
-or from an earlier run of the worker) cannot patch its index; it must resync: discard this
-worker's entries and replay from an AllBlocksCleared, which `KVCacheManager.request_snapshot()`
-makes the engine publish, followed by the whole cache as BlocksStored.
+or from an earlier run of the worker) cannot patch its index; it must resync: take a
+CachedBlocks and apply only the events after its last_event_id (what routers do, through the
+worker's GetCachedBlocks), or replay from an AllBlocksCleared, which
+`KVCacheManager.request_snapshot()` makes the engine publish, followed by the whole cache as
+BlocksStored.
 
 Pure Python: no I/O, no torch.
 """
@@ -123,6 +127,17 @@ class KVEvent:
     @property
     def kind(self) -> KVEventKind:
         return self.data.kind
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlocks:
+    """One tier's cache at one moment, with its place in the event stream: exactly what
+    replaying that tier's events 1..last_event_id builds, and none after. A consumer that
+    resyncs from it applies only the events after last_event_id."""
+
+    tier: StorageTier
+    last_event_id: int
+    block_hashes: tuple[BlockHash, ...]
 
 
 def batch_block_events(raw: Iterable[BlockEvent], block_size: int) -> list[KVEventData]:

@@ -55,5 +55,9 @@ class Backend(ABC):
     async def ready(self) -> bool:
         """Whether some worker can take requests now."""
 
+    def route(self, request_id: str) -> str:
+        """Where the request runs, as the x-baton-route header says it ("": not routed)."""
+        return ""
+
     async def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
         """Release connections (default: nothing to do)."""

@@ -26,6 +26,7 @@ from baton.services.gateway.streaming import (
     Generation,
     event_stream,
     merge,
+    route_headers,
     run_to_end,
     sse,
     start_all,
@@ -121,7 +122,9 @@ async def create_chat_completion(
         choices=choices,
         usage=usage_of(gens),
     )
-    return Response(resp.model_dump_json(), media_type="application/json")
+    return Response(
+        resp.model_dump_json(), media_type="application/json", headers=route_headers(gens)
+    )
 
 
 async def _stream(

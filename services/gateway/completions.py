@@ -25,6 +25,7 @@ from baton.services.gateway.streaming import (
     Generation,
     event_stream,
     merge,
+    route_headers,
     run_to_end,
     sse,
     start_all,
@@ -107,7 +108,9 @@ async def create_completion(
     resp = CompletionResponse(
         id=body_id, created=now_s(), model=serving.model_id, choices=choices, usage=usage_of(gens)
     )
-    return Response(resp.model_dump_json(), media_type="application/json")
+    return Response(
+        resp.model_dump_json(), media_type="application/json", headers=route_headers(gens)
+    )
 
 
 async def _stream(

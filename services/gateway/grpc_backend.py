@@ -18,9 +18,12 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import grpc
 
 from baton.proto import worker_pb2 as pb
-from baton.router.policy import NoWorkerAvailable, WorkerLoad
+from baton.router.kv_events_reader import KVEventsReader, Snapshot, snapshot_from_pb
+from baton.router.kv_policy import RouteDecision
+from baton.router.policy import DEFAULT_POLICY, NoWorkerAvailable, WorkerLoad
+from baton.router.prefix_index import PrefixIndex
 from baton.router.registry import WorkerInfo, connect
-from baton.router.router import Router
+from baton.router.router import FirstTokenReport, Router
 from baton.services.cluster_auth import REDIS_URL_ENV, cluster_token_from_env
 from baton.services.engine.sequence_ids import parse_sequence_id
 from baton.services.gateway.backend import (
@@ -32,6 +35,7 @@ from baton.services.gateway.backend import (
 )
 from baton.services.gateway.deadlines import StreamDeadlines
 from baton.services.gateway.replay import StreamReplay
+from baton.services.metrics import Metrics
 from baton.services.wire import ChannelPool
 
 logger = logging.getLogger(__name__)
@@ -45,13 +49,14 @@ class GrpcBackend(Backend):
         self,
         redis_url: str,
         model: str | None = None,
-        policy: str = "least_load",
+        policy: str = DEFAULT_POLICY,
         deadlines: StreamDeadlines | None = None,
         token: str | None = None,
+        metrics: Metrics | None = None,
     ):
         """redis_url: the registry ("": $BATON_REDIS_URL). token: the cluster token (None:
         $BATON_CLUSTER_TOKEN), sent on every call and only to workers whose registry entry
-        proves it (services/cluster_auth.py)."""
+        proves it (services/cluster_auth.py). metrics: where routing decisions are counted."""
         self.deadlines = deadlines or StreamDeadlines()
         redis_url = redis_url or os.environ.get(REDIS_URL_ENV, "")
         if not redis_url:
@@ -61,7 +66,20 @@ class GrpcBackend(Backend):
             token = cluster_token_from_env()
         caller = f"gateway-{socket.gethostname()}-{os.getpid()}"
         self._channels = ChannelPool(token=token, caller=caller)
-        self.router = Router(self._redis, self._fetch_load, model=model, policy=policy, token=token)
+        self.metrics = metrics
+        self.index = PrefixIndex()
+        self.router = Router(
+            self._redis,
+            self._fetch_load,
+            model=model,
+            policy=policy,
+            token=token,
+            index=self.index,
+        )
+        self.events = KVEventsReader(self._redis, self.index, self._fetch_snapshot)
+        self.router.on_workers = self.events.set_workers
+        self._routes: dict[str, str] = {}
+        """request id → its routing decision's header value, while it streams."""
         self._owners: dict[str, str] = {}
         """request id → address of the decode worker serving it (for abort)."""
         self._started = False
@@ -70,6 +88,16 @@ class GrpcBackend(Backend):
         if not self._started:
             self._started = True
             await self.router.start()
+            await self.events.start()
+
+    async def _fetch_snapshot(self, worker: WorkerInfo) -> Snapshot:
+        msg = await self._channels.stub(worker.address).GetCachedBlocks(
+            pb.CachedBlocksRequest(), timeout=10.0
+        )
+        return snapshot_from_pb(msg)
+
+    def route(self, request_id: str) -> str:
+        return self._routes.get(request_id, "")
 
     async def _fetch_load(self, worker: WorkerInfo) -> WorkerLoad:
         s = await self._channels.stub(worker.address).GetLoadStats(
@@ -93,6 +121,16 @@ class GrpcBackend(Backend):
         cut off by its drain) hands the stream to another worker by token replay (replay.py):
         the client's stream goes on. Up to MAX_ATTEMPTS placements per request."""
         await self.start()
+        try:
+            async with contextlib.aclosing(self._generate(request)) as stream:
+                async for msg in stream:
+                    yield msg
+        finally:
+            self._routes.pop(request.request_id, None)
+
+    async def _generate(
+        self, request: pb.GenerateRequest
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         replay = StreamReplay(request)
         attempt_request = request
         for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -123,10 +161,22 @@ class GrpcBackend(Backend):
         self, request: pb.GenerateRequest
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         request_id = request.request_id
+        # A resumed request's worker prefills the prompt and the tokens streamed so far.
+        tokens = [*request.prompt_token_ids, *request.resume_output_token_ids]
         try:
-            placement = await self.router.place(len(request.prompt_token_ids), request_id)
+            decision = await self.router.place(tokens, request_id, request.cache_salt)
         except NoWorkerAvailable as e:
             raise BackendUnavailable(f"no worker can serve this model now: {e}") from e
+        placed_s = time.monotonic()
+        placement = decision.placement
+        self._routes[request_id] = decision.header()
+        if self.metrics is not None:
+            self.metrics.observe_route(
+                decision.policy,
+                not decision.local_prefill,
+                decision.decode_matched_blocks,
+                decision.num_prompt_blocks,
+            )
         request.routed_unix_s = time.time()
         request.ClearField("prefill")
         if placement.prefill is not None:
@@ -154,7 +204,7 @@ class GrpcBackend(Backend):
                     break
                 assert isinstance(msg, pb.GenerateResponse)
                 if first:
-                    self.router.report_success(decode.worker_id)
+                    self._first_message(decision, msg, time.monotonic() - placed_s)
                 first = False
                 yield msg
             done = True
@@ -165,6 +215,29 @@ class GrpcBackend(Backend):
                 call.cancel()  # the worker's handler is cancelled: it aborts the request
             self._owners.pop(request_id, None)
             self.router.release(request_id)
+
+    def _first_message(
+        self, decision: RouteDecision, msg: pb.GenerateResponse, ttft_s: float
+    ) -> None:
+        """The worker answered: its breaker closes, the cost model learns, the prediction is
+        scored against what happened (from placement to the first token)."""
+        self.router.report_success(decision.placement.decode.worker_id)
+        if not msg.HasField("ttft"):
+            return  # a resumed stream's continuation: not a first token
+        self.router.observe(
+            decision,
+            FirstTokenReport(
+                num_prompt_tokens=msg.num_prompt_tokens,
+                num_cached_tokens=msg.num_cached_tokens,
+                prefilled_remotely=msg.prefilled_remotely,
+                queue_s=msg.ttft.queue_s,
+                prefill_s=msg.ttft.prefill_s,
+                transfer_s=msg.ttft.transfer_s,
+                kv_bytes_received=msg.kv_bytes_received,
+            ),
+        )
+        if self.metrics is not None:
+            self.metrics.router_ttft_error.observe(decision.predicted_ttft_s - ttft_s)
 
     def _map_error(self, e: grpc.aio.AioRpcError, worker: WorkerInfo) -> BackendError:
         code = e.code()
@@ -199,6 +272,7 @@ class GrpcBackend(Backend):
         return any(w.role in ("decode", "mixed") for w in self.router.healthy_workers())
 
     async def close(self) -> None:
+        await self.events.stop()
         await self.router.stop()
         await self._channels.close()
         await self._redis.aclose()

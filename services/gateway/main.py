@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from baton.router.policy import DEFAULT_POLICY
 from baton.services.engine.loader.model_info import load_model_info
 from baton.services.gateway.app import build_app
 from baton.services.gateway.deadlines import StreamDeadlines
@@ -47,7 +48,7 @@ def run_gateway(
     redis_url: str,
     model: str,
     api_keys: Sequence[str] = (),
-    policy: str = "least_load",
+    policy: str = DEFAULT_POLICY,
     deadlines: StreamDeadlines | None = None,
     limits: GatewayLimits | None = None,
 ) -> None:
@@ -61,8 +62,10 @@ def run_gateway(
             f"model {model!r} has no tokenizer: the gateway needs one (where one is looked for: "
             "baton.services.engine.loader's docstring)"
         )
-    backend = GrpcBackend(redis_url, model=info.model_id, policy=policy, deadlines=deadlines)
     metrics = Metrics(CollectorRegistry(), info.model_id, "gateway")
+    backend = GrpcBackend(
+        redis_url, model=info.model_id, policy=policy, deadlines=deadlines, metrics=metrics
+    )
     app = build_app(
         backend,
         info.tokenizer,

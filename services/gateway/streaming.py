@@ -104,8 +104,12 @@ class Generation:
         ]
         self.num_prompt_tokens = len(prompt)
         self.num_cached_tokens = 0
+        self._backend = backend
+        self._request_id = request.request_id
         self._stream = backend.generate(request)
         self._first: pb.GenerateResponse | None = None
+        self.route = ""
+        """The backend's routing decision (the x-baton-route header), once started."""
         self._last_token_s: float | None = None
         self._recorded = False
 
@@ -122,6 +126,7 @@ class Generation:
             self._first = await anext(self._stream)
         except StopAsyncIteration:
             raise BackendError("the backend ended the stream without a response") from None
+        self.route = self._backend.route(self._request_id)
 
     async def aclose(self) -> None:
         """Close the backend stream (aborting the request if it is unfinished); idempotent."""
@@ -334,6 +339,16 @@ def event_stream(
     return StreamingResponse(
         body,
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
+        headers={"Cache-Control": "no-cache", **route_headers(generations)},
         background=BackgroundTask(close),
     )
+
+
+ROUTE_HEADER = "x-baton-route"
+
+
+def route_headers(generations: list[Generation]) -> dict[str, str]:
+    """The x-baton-route header: each started generation's routing decision, comma-separated
+    (one per prompt of a batched completion); none when the backend routes nothing."""
+    routes = [g.route for g in generations if g.route]
+    return {ROUTE_HEADER: ", ".join(routes)} if routes else {}

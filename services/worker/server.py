@@ -1,8 +1,9 @@
 """`baton worker`: one engine behind a gRPC server, registered in Redis, with /metrics.
 
 Lifecycle: load the model → start the engine thread → serve gRPC → register (key with TTL,
-heartbeat) → on SIGTERM/SIGINT drain: deregister, refuse new requests, let running ones finish
-(up to drain_timeout_s), stop the server, stop the engine.
+heartbeat) and stream KV events (kv_event_stream.py) → on SIGTERM/SIGINT drain: deregister,
+refuse new requests, let running ones finish (up to drain_timeout_s), stop the server, write the
+last KV events, stop the engine.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from baton.services.worker.connectors.remote_prefill import (
     RemotePrefillConfig,
     RemotePrefillConnector,
 )
+from baton.services.worker.kv_event_stream import KVEventStream, KVEventStreamConfig
 from baton.services.worker.metrics_feed import WorkerMetricsFeed
 from baton.services.worker.service import ServiceConfig, WorkerService
 
@@ -76,6 +78,9 @@ class WorkerConfig:
     """On SIGTERM: how long running requests may take to finish before the worker stops."""
     registry_ttl_s: float = 6.0
     """Lifetime of the registry key the heartbeat renews (a dead worker vanishes after it)."""
+    kv_events_max_len: int = 10_000
+    """Batches of KV events the worker's Redis Stream keeps (approximately); a router further
+    behind resyncs from the worker's snapshot."""
 
 
 class Worker:
@@ -88,6 +93,8 @@ class Worker:
             f"{config.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         )
         self.address = ""
+        self.epoch = uuid.uuid4().hex
+        """This run (KV events: a reader that sees a new epoch resyncs)."""
         self.metrics_port: int | None = None
         self._stop = asyncio.Event()
 
@@ -118,6 +125,7 @@ class Worker:
                 model_id=llm.model_id,
                 max_queued_requests=self.config.max_queued_requests,
                 max_n=self.config.max_n,
+                epoch=self.epoch,
             ),
             self.connector,
         )
@@ -140,6 +148,7 @@ class Worker:
             )
             self.metrics_port = server.server_port
         self.registration: WorkerRegistration | None = None
+        self.kv_event_stream: KVEventStream | None = None
         redis_url = self.config.redis_url or os.environ.get(REDIS_URL_ENV, "")
         if redis_url:
             self.redis = connect(redis_url)
@@ -152,10 +161,19 @@ class Worker:
                 block_size=llm.core.block_size,
                 transport=self.config.transport,
                 started_unix_s=time.time(),
+                kv_block_bytes=sum(layout.spec.block_bytes for layout in llm.core.kv_layouts()),
                 metrics_address=f"{advertised}:{self.metrics_port}" if self.metrics_port else "",
             ).signed(token)
             self.registration = WorkerRegistration(self.redis, info, self.config.registry_ttl_s)
             await self.registration.start()
+            self.kv_event_stream = KVEventStream(
+                self.engine,
+                self.redis,
+                self.worker_id,
+                self.epoch,
+                KVEventStreamConfig(max_stream_len=self.config.kv_events_max_len),
+            )
+            await self.kv_event_stream.start()
         logger.info("worker %s (%s) serving on %s", self.worker_id, self.config.role, self.address)
 
     def request_stop(self) -> None:
@@ -178,6 +196,8 @@ class Worker:
             await asyncio.sleep(0.05)
         await self.server.stop(grace=1.0)
         self._feed_task.cancel()
+        if self.kv_event_stream is not None:  # before the engine: it asks the engine thread
+            await self.kv_event_stream.stop()
         await self.engine.stop()
         if self.connector is not None:
             await self.connector.aclose()

@@ -24,6 +24,7 @@ from baton.proto import worker_pb2 as pb
 from baton.proto import worker_pb2_grpc as pb_grpc
 from baton.services.cluster_auth import CALLER_METADATA_KEY
 from baton.services.engine.async_engine import AsyncEngine
+from baton.services.engine.engine_core import EngineCore
 from baton.services.engine.sampling_params import SamplingParams
 from baton.services.wire import delta_to_pb, logprob_to_pb, params_from_pb
 from baton.services.worker.admission import Admission
@@ -33,6 +34,7 @@ from baton.services.worker.connectors.remote_prefill import (
     RemotePrefillConnector,
     SendToDecode,
 )
+from baton.services.worker.kv_event_stream import cached_blocks_to_pb
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class ServiceConfig:
     its fair share of the worker's sequences (callers: cluster_auth.CALLER_METADATA_KEY)."""
     max_n: int = 128
     """Most sequences one request may ask for (the gateway's limit too)."""
+    epoch: str = ""
+    """This run of the worker (new at every start), in its KV events and GetCachedBlocks."""
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -242,6 +246,15 @@ class WorkerService(pb_grpc.WorkerServicer):
             num_kv_blocks=s.num_kv_blocks,
             num_free_kv_blocks=round((1.0 - s.kv_cache_usage) * s.num_kv_blocks),
             draining=self.draining,
+        )
+
+    async def GetCachedBlocks(
+        self, request: pb.CachedBlocksRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CachedBlocks:
+        """The prefix cache whole, with the last KV event it reflects (a router resyncs)."""
+        cached = await self.engine.call(EngineCore.cached_block_hashes)
+        return cached_blocks_to_pb(
+            self.config.worker_id, self.config.epoch, self.engine.core.block_size, [cached]
         )
 
 

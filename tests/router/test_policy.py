@@ -96,16 +96,12 @@ def test_round_robin_cycles_each_pool_in_worker_id_order() -> None:
     assert prefills == ["p1"] * 6
 
 
-def test_old_policy_names_are_aliases() -> None:
-    workers = [worker("d2"), worker("d1")]
-    loads = {"d1": load("d1", 9), "d2": load("d2", 1)}
-    for old, new in (("least_load", "least-loaded"), ("round_robin", "round-robin")):
-        assert old in POLICIES and canonical_policy(old) == new
-        assert choose_placement(workers, loads, 8, policy=old) == choose_placement(
-            workers, loads, 8, policy=new
-        )
-    assert tuple(POLICIES) == ("kv", "least-loaded", "round-robin")
-    assert "random" not in POLICIES
+def test_policy_names_are_checked() -> None:
+    assert POLICIES == ("kv", "least-loaded", "round-robin")
+    for name in POLICIES:
+        assert canonical_policy(name) == name
+    with pytest.raises(ValueError, match="unknown placement policy"):
+        canonical_policy("least_load")
 
 
 def test_kv_policy_without_matches_places_by_load() -> None:

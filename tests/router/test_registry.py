@@ -171,20 +171,22 @@ def test_router_places_by_least_load_and_counts_pending_tokens(url: str) -> None
         ]
         for reg in regs:
             await reg.start()
-        async with Router(r, loads, model="smollm2", poll_interval_s=3600) as router:
-            first = await router.place(500, request_id="a")
+        async with Router(
+            r, loads, model="smollm2", policy="least-loaded", poll_interval_s=3600
+        ) as router:
+            first = (await router.place(500, request_id="a")).placement
             assert first.decode.worker_id == "d2"
             assert first.prefill is not None and first.prefill.worker_id == "p2"
             assert router.pending_tokens("d2") == 500 and router.pending_tokens("p2") == 500
             # Reported loads still say d2 (100) and p2 (20) are the least loaded, but with the
             # 500 tokens just placed there they are not: the next request goes elsewhere.
-            second = await router.place(200, request_id="b")
+            second = (await router.place(200, request_id="b")).placement
             assert second.decode.worker_id == "d1"
             assert second.prefill is not None and second.prefill.worker_id == "p1"
             router.release("a")
             router.release("a")  # twice is a no-op
             assert router.pending_tokens("d2") == 0
-            third = await router.place(10, request_id="c")
+            third = (await router.place(10, request_id="c")).placement
             assert third.decode.worker_id == "d2"
             with pytest.raises(ValueError, match="already placed"):
                 await router.place(10, request_id="c")
@@ -207,30 +209,30 @@ def test_router_skips_unhealthy_worker_until_it_answers(url: str) -> None:
         async with WorkerRegistration(r, info("d1")), WorkerRegistration(r, info("d2")):
             router = Router(r, loads, poll_interval_s=0.05, breaker=CircuitBreaker(0.2, 0.4))
             async with router:
-                assert (await router.place(10, "a")).decode.worker_id == "d1"
+                assert (await router.place(10, "a")).placement.decode.worker_id == "d1"
                 loads.down.add("d1")
 
                 async def d1_unhealthy() -> bool:
                     return not router.is_healthy("d1")
 
                 assert await wait_until(d1_unhealthy, timeout_s=2.0)  # the background poll
-                assert (await router.place(10, "b")).decode.worker_id == "d2"
+                assert (await router.place(10, "b")).placement.decode.worker_id == "d2"
                 loads.down.clear()
 
                 async def d1_back() -> bool:
                     return router.is_healthy("d1")
 
                 assert await wait_until(d1_back, timeout_s=2.0)
-                assert (await router.place(10, "c")).decode.worker_id == "d1"
+                assert (await router.place(10, "c")).placement.decode.worker_id == "d1"
                 router.mark_unhealthy("d1")  # a failed call reported by the gateway
-                assert (await router.place(10, "d")).decode.worker_id == "d2"
+                assert (await router.place(10, "d")).placement.decode.worker_id == "d2"
                 await router.poll_loads()  # d1 answers its probe, but its breaker is open
                 assert not router.is_healthy("d1")
                 await asyncio.sleep(0.25)  # the breaker's backoff passes: half open
                 loads.down.add("d2")
                 await router.poll_loads()
                 assert router.is_healthy("d1") and not router.is_healthy("d2")
-                assert (await router.place(10, "e")).decode.worker_id == "d1"
+                assert (await router.place(10, "e")).placement.decode.worker_id == "d1"
                 router.mark_unhealthy("d1")  # failing again: open twice as long
                 await router.poll_loads()
                 await asyncio.sleep(0.25)
@@ -254,9 +256,9 @@ def test_no_worker_available_then_on_demand_refresh(url: str) -> None:
                 # The cache is fresh (interval 1 h) but empty of decode workers: place()
                 # re-reads the registry once before giving up.
                 async with WorkerRegistration(r, info("m1", "mixed")):
-                    placement = await router.place(10, "c")
+                    placement = (await router.place(10, "c")).placement
                     assert placement.decode.worker_id == "m1"
-                    assert placement.prefill is not None  # p1 prefills for the mixed worker
+                    assert placement.prefill is None  # 10 tokens: cheapest on m1 itself
                     loads.down.add("m1")
                     await router.poll_loads()
                     with pytest.raises(NoWorkerAvailable):
@@ -309,7 +311,7 @@ def test_entries_without_a_valid_proof_are_skipped_under_a_cluster_token(url: st
         loads = FixedLoads({})
         async with Router(r, loads, token=token, poll_interval_s=3600) as router:
             assert [w.worker_id for w in router.workers] == ["d1"]
-            assert (await router.place(10, "a")).decode.worker_id == "d1"
+            assert (await router.place(10, "a")).placement.decode.worker_id == "d1"
 
     run(body, url)
 
@@ -330,7 +332,7 @@ def test_an_empty_registry_is_not_no_workers(url: str) -> None:
             await r.flushdb()  # what a restarted Redis holds
             await router.refresh_workers()
             assert [w.worker_id for w in router.workers] == ["d1", "d2"]
-            assert (await router.place(10, "a")).decode.worker_id == "d1"
+            assert (await router.place(10, "a")).placement.decode.worker_id == "d1"
             await r.set(worker_key("d2"), info("d2").to_json())  # d2's next heartbeat
             loads.down.add("d1")  # and d1 dies for real
 
@@ -338,7 +340,7 @@ def test_an_empty_registry_is_not_no_workers(url: str) -> None:
                 return [w.worker_id for w in router.workers] == ["d2"]
 
             assert await wait_until(only_d2, timeout_s=2.0)
-            assert (await router.place(10, "b")).decode.worker_id == "d2"
+            assert (await router.place(10, "b")).placement.decode.worker_id == "d2"
             await r.set(worker_key("d1"), info("d1").to_json())  # d1 re-registers: back
             loads.down.clear()
 
@@ -372,7 +374,7 @@ def test_a_draining_worker_gets_nothing_new(url: str) -> None:
             Router(r, loads, poll_interval_s=3600) as router,
         ):
             assert not router.is_healthy("d1")
-            assert (await router.place(10, "a")).decode.worker_id == "d2"
+            assert (await router.place(10, "a")).placement.decode.worker_id == "d2"
 
     run(body, url)
 
@@ -420,7 +422,7 @@ def test_a_frozen_redis_never_holds_a_placement() -> None:
             os.kill(server._proc.pid, signal.SIGSTOP)
             try:
                 await asyncio.sleep(0.3)  # background refreshes time out meanwhile
-                placement = await asyncio.wait_for(router.place(10, "a"), 5)
+                placement = (await asyncio.wait_for(router.place(10, "a"), 5)).placement
                 assert placement.decode.worker_id == "d1"
                 loads.down.add("d1")
                 await router.poll_loads()
@@ -478,13 +480,41 @@ def test_slow_probes_cost_a_worker_its_turn_not_its_requests(url: str) -> None:
             loads.hung = frozenset({"d1"})
             await router.poll_loads()
             assert not router.is_healthy("d1") and router.is_healthy("d2")
-            assert (await router.place(10, "a")).decode.worker_id == "d2"  # though busier
+            assert (await router.place(10, "a")).placement.decode.worker_id == "d2"  # though busier
             loads.down.add("d2")
             await router.poll_loads()
-            assert (await router.place(10, "b")).decode.worker_id == "d1"  # the last resort
+            assert (
+                await router.place(10, "b")
+            ).placement.decode.worker_id == "d1"  # the last resort
             loads.hung = frozenset()
             loads.down.clear()
             await router.poll_loads()
             assert router.is_healthy("d1") and router.is_healthy("d2")
+
+    run(body, url)
+
+
+def test_a_burst_of_one_prefix_stays_where_its_first_request_went(url: str) -> None:
+    """Prompts placed and still running count as held where they run: the second request of a
+    burst follows the first before any KV event could say the blocks are there."""
+    from baton.router.prefix_index import PrefixIndex
+
+    loads = FixedLoads({"d1": 0, "d2": 0})
+    prompt = list(range(1000, 1000 + 16 * 40))  # 40 blocks
+
+    async def body(r: aioredis.Redis) -> None:
+        async with (
+            WorkerRegistration(r, info("d1")),
+            WorkerRegistration(r, info("d2")),
+            Router(r, loads, index=PrefixIndex(), poll_interval_s=3600) as router,
+        ):
+            first = await router.place(prompt, "a")
+            assert first.decode_matched_blocks == 0
+            second = await router.place([*prompt[:-16], 7] * 1, "b")
+            assert second.placement.decode.worker_id == first.placement.decode.worker_id
+            assert second.decode_matched_blocks == 39
+            router.release("a")
+            router.release("b")
+            assert router._pending_keys == {first.placement.decode.worker_id: {}}
 
     run(body, url)
