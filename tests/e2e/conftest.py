@@ -13,7 +13,8 @@ from baton.services.redis_server import free_port
 @pytest.fixture(scope="session")
 def tcp_cluster() -> Iterator[Cluster]:
     """`baton serve`'s Cluster in this process: prefill-0 and decode-1 over TCP, every test
-    prompt prefilled remotely. test_serve.py's last test kills its prefill worker."""
+    prompt prefilled remotely (least-loaded placement). test_serve.py's last test kills its
+    prefill worker."""
     cluster = Cluster(
         ServeConfig(
             port=free_port(),
@@ -21,6 +22,9 @@ def tcp_cluster() -> Iterator[Cluster]:
             transport="tcp",
             kv_cache_memory_mb=96,
             remote_prefill_min_tokens=4,
+            # Load-only: every prompt takes the KV handoff these tests exercise (the kv policy
+            # keeps a few-token prompt on the decode worker, where it is cheaper).
+            router_policy="least-loaded",
         )
     )
     cluster.start()

@@ -49,6 +49,7 @@ def _cluster(transport: str, colocated: bool = False) -> Iterator[Cluster]:
             colocated=colocated,
             kv_cache_memory_mb=96,
             remote_prefill_min_tokens=4,  # every test prompt is prefilled remotely
+            router_policy="least-loaded",  # (kv would keep few-token prompts local)
         )
     )
     cluster.start()

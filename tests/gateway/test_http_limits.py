@@ -39,8 +39,8 @@ from baton.services.redis_server import free_port
 pytestmark = pytest.mark.slow
 
 MAX_MODEL_LEN = 256
-HEADER_TIMEOUT_S = 0.5
-BODY_TIMEOUT_S = 0.5
+HEADER_TIMEOUT_S = 1.5  # long enough for 256 clients of one starved process to send
+BODY_TIMEOUT_S = 1.5
 LIMITS = GatewayLimits(header_timeout_s=HEADER_TIMEOUT_S, body_timeout_s=BODY_TIMEOUT_S)
 LIMITED = GatewayLimits(max_concurrent_requests=2, retry_after_s=7)
 SINGLE_KEY = "sk-single-key"
